@@ -1,0 +1,1 @@
+"""What a trained dictionary does: evaluation, examples, attribution, steering, dashboard."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoder architectures, their configs and the on-disk format (SAELens-compatible)."""

@@ -1,0 +1,1 @@
+"""The training loop that turns an ActivationStore into a trained SAE."""
