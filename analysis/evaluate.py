@@ -1,0 +1,134 @@
+"""Evaluate a trained SAE on held-out text: reconstruction (FVU, L0, dead latents) and the model's
+next-token loss with the SAE's reconstruction spliced in, against clean and zero-ablated runs.
+
+Splicing replaces the activation only at positions the SAE was trained on (not the first position
+of a context or special tokens, matching the store's rules); CE and KL are averaged over the next-token
+predictions made at those positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from activations.errors import UserError
+from activations.hookpoints import parse_hook, patched
+from activations.models import LoadedModel
+from activations.sources import Document
+from activations.store import ActivationStore, StoreConfig
+from sae.base import SAE
+
+
+@dataclass
+class EvalConfig:
+    """How much held-out text to evaluate on."""
+
+    tokens: int = 16384
+    model_batch_size: int = 8
+    context_size: int | None = None   # None: the SAE's training context size
+
+
+@dataclass
+class EvalResult:
+    fvu: float
+    explained_variance: float
+    mse: float
+    l0: float
+    dead_fraction: float
+    ce_loss_clean: float
+    ce_loss_sae: float
+    ce_loss_zero: float
+    ce_recovered: float
+    kl_sae: float
+    tokens: int
+    hook: str
+    spliced_positions: str = "all but each context's first position and special tokens"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Summed CE of predicting tokens[:, t+1] from position t, over positions where `where[:, t]`."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return (nll * where[:, :-1]).sum()
+
+
+@torch.inference_mode()
+def evaluate(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: EvalConfig = EvalConfig()) -> EvalResult:
+    """One pass over `cfg.tokens` tokens of `source`; everything in raw (unnormalised) activation space."""
+    hp = parse_hook(sae.cfg.hook_name, lm.model)
+    if sae.cfg.d_in != lm.d_model:
+        raise UserError(
+            f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model} (last dimension {lm.d_model}); "
+            f"evaluate with the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}) via --model."
+        )
+    ctx = cfg.context_size or sae.cfg.context_size or 128
+    store = ActivationStore(lm, source, StoreConfig(hooks=[hp.name], context_size=ctx, model_batch_size=cfg.model_batch_size,
+                                                    prepend_bos=sae.cfg.prepend_bos, epochs=1, normalise=False))
+    device = lm.device
+    sums = dict(sq_err=0.0, n_acts=0, l0=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, n_pred=0)
+    x_sum = x_sq = None
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    with tqdm(total=cfg.tokens, desc="eval", unit="tok", dynamic_ncols=True) as bar:
+        for batch in store.context_batches():
+            tokens = batch.tokens.to(device)
+            keep = store.keep_mask(tokens)
+            captured: dict[str, torch.Tensor] = {}
+
+            def capture(act):
+                captured["x"] = act
+                return None
+            with patched(lm.model, hp, capture):
+                logits_clean = lm.model(input_ids=tokens, use_cache=False).logits
+            x = captured["x"][keep].float().to(sae.W_dec.device)
+            feats = sae.encode_raw(x)
+            x_hat = sae.decode(feats) / sae.cfg.norm_scale
+            fired |= (feats > 0).any(0)
+
+            def splice(act, replacement=x_hat):
+                act = act.clone()
+                act[keep] = replacement.to(act.dtype).to(act.device)
+                return act
+            with patched(lm.model, hp, splice):
+                logits_sae = lm.model(input_ids=tokens, use_cache=False).logits
+            with patched(lm.model, hp, lambda act: splice(act, torch.zeros_like(x_hat))):
+                logits_zero = lm.model(input_ids=tokens, use_cache=False).logits
+
+            where = keep.float()
+            sums["ce_clean"] += _next_token_ce(logits_clean, tokens, where).item()
+            sums["ce_sae"] += _next_token_ce(logits_sae, tokens, where).item()
+            sums["ce_zero"] += _next_token_ce(logits_zero, tokens, where).item()
+            logp_clean = F.log_softmax(logits_clean[:, :-1].float(), -1)
+            logp_sae = F.log_softmax(logits_sae[:, :-1].float(), -1)
+            kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)
+            sums["kl"] += (kl * where[:, :-1]).sum().item()
+            sums["n_pred"] += int(where[:, :-1].sum())
+
+            sums["sq_err"] += ((x - x_hat) ** 2).sum().item()
+            x64 = x.double()  # float64 sums: the variance is a difference of large numbers
+            x_sum = x64.sum(0) if x_sum is None else x_sum + x64.sum(0)
+            x_sq = (x64 ** 2).sum(0) if x_sq is None else x_sq + (x64 ** 2).sum(0)
+            sums["n_acts"] += len(x)
+            sums["l0"] += (feats > 0).sum().item()
+            bar.update(len(x))
+            if sums["n_acts"] >= cfg.tokens:
+                break
+    n = sums["n_acts"]
+    if n == 0:
+        raise UserError("the evaluation text produced no tokens; give a larger held-out source (--dataset/--split).")
+    total_var = (x_sq - x_sum ** 2 / n).sum().item()
+    fvu = sums["sq_err"] / max(total_var, 1e-12)
+    ce_clean, ce_sae, ce_zero = (sums[k] / sums["n_pred"] for k in ("ce_clean", "ce_sae", "ce_zero"))
+    return EvalResult(
+        fvu=fvu, explained_variance=1 - fvu, mse=sums["sq_err"] / n, l0=sums["l0"] / n,
+        dead_fraction=1 - fired.float().mean().item(),
+        ce_loss_clean=ce_clean, ce_loss_sae=ce_sae, ce_loss_zero=ce_zero,
+        ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+        kl_sae=sums["kl"] / sums["n_pred"], tokens=n, hook=hp.name,
+    )

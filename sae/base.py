@@ -1,0 +1,202 @@
+"""The SAE base class: SAELens-named parameters, encode/decode, and the shared training plumbing.
+
+An architecture is a small subclass: it defines `activation(pre)` and, optionally, a sparse
+training code (`train_code`) and extra loss terms (`aux_losses`); everything else lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from activations.errors import UserError
+from sae.config import SAEConfig
+from sae.kernels import sparse_decode
+
+
+@dataclass
+class TrainOutput:
+    """What one training step needs from the SAE.
+
+    loss == sum(losses.values()) (before detaching); losses holds each weighted term, detached.
+    fired is a BoolTensor [d_sae]: True for latents with a nonzero activation on some token in the
+    batch (fixed size, so it can be OR-reduced across ranks; the trainer resets their dead counters).
+    """
+
+    x_hat: Tensor  # [B, d_in]
+    loss: Tensor  # scalar, what the trainer backprops
+    losses: dict[str, Tensor]  # named weighted parts: {"fvu": ..., "auxk": ...}, detached
+    fired: Tensor  # BoolTensor [d_sae]
+    l0: Tensor  # scalar: mean number of nonzero latents per token
+
+
+@dataclass
+class Code:
+    """A batch's latent activations: dense `acts` [B, d_sae] when `idx` is None, else sparse
+    (`idx`, `acts`) [B, k] pairs. Sparse codes are decoded without materialising [B, d_sae]."""
+
+    acts: Tensor
+    idx: Tensor | None = None
+
+    def fired(self, d_sae: int) -> Tensor:
+        """BoolTensor [d_sae]: latents nonzero on at least one token."""
+        if self.idx is None:
+            return (self.acts != 0).any(dim=0)
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=self.acts.device)
+        fired[self.idx[self.acts != 0]] = True
+        return fired
+
+    def l0(self) -> Tensor:
+        """Mean number of nonzero latents per token."""
+        return (self.acts != 0).sum(dim=-1).float().mean()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum((x - x_hat)^2) / sum((x - x.mean(0))^2), in float32.
+
+    Scale-free (1.0 = predicting the batch mean), so loss coefficients transfer across models/layers.
+    """
+    x, x_hat = x.float(), x_hat.float()
+    total = (x - x.mean(dim=0)).pow(2).sum()
+    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder x -> f = activation((x - b_dec) @ W_enc + b_enc) -> x_hat = f @ W_dec + b_dec.
+
+    Parameters use SAELens names and shapes; subclasses set `activation` (and may refine training).
+    """
+
+    architecture: str = ""  # set by sae.registry.register
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        """Tied init (Gao et al. 2024): unit-norm random decoder rows, W_enc = W_dec.T, zero biases.
+
+        Seed with torch.manual_seed before constructing for reproducible weights.
+        """
+        super().__init__()
+        self.cfg = cfg
+        dtype = cfg.torch_dtype
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, device=device, dtype=torch.float32)
+        W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (inputs are cast to it)."""
+        return self.W_dec.dtype
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        """Cast x to the SAE dtype after checking its last dim is d_in (a user-fixable mismatch)."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise UserError(
+                f"SAE input has last dimension {x.shape[-1]} but this SAE expects d_in={self.cfg.d_in}"
+                f" (trained on {self.cfg.model_name or '?'} {self.cfg.hook_name or ''}); "
+                "feed activations from the same model and hook the SAE was trained on"
+            )
+        return x.to(self.dtype)
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations [..., d_sae] = (x - b_dec) @ W_enc + b_enc."""
+        return (self._check_input(x) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """Dense feature activations from pre-activations; each architecture defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define activation(pre)")
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations [..., d_sae] for inputs [..., d_in]."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction [..., d_in] = f @ W_dec + b_dec."""
+        return f.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of x (same leading dims)."""
+        return self.decode(self.encode(x))
+
+    def encode_raw(self, x_raw: Tensor) -> Tensor:
+        """Feature activations for raw (unnormalised) model activations."""
+        return self.encode(x_raw * self.cfg.norm_scale)
+
+    def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
+        """Reconstruction of raw model activations, returned in the raw scale."""
+        return self.forward(x_raw * self.cfg.norm_scale) / self.cfg.norm_scale
+
+    # ---- training --------------------------------------------------------------------------
+
+    def train_code(self, pre: Tensor) -> Code:
+        """The training-time code for pre-activations; default dense. Sparse architectures override."""
+        return Code(self.activation(pre))
+
+    def decode_code(self, code: Code) -> Tensor:
+        """Decode a Code: sparse codes go through sparse_decode (no [B, d_sae] tensor)."""
+        if code.idx is None:
+            return self.decode(code.acts)
+        return sparse_decode(code.idx, code.acts, self.W_dec) + self.b_dec
+
+    def aux_losses(
+        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Architecture-specific loss terms, already weighted by their coefficients; default none."""
+        return {}
+
+    def training_forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None
+    ) -> TrainOutput:
+        """One training forward pass on x [B, d_in] (B >= 2); loss = FVU + architecture terms.
+
+        dead_mask (BoolTensor [d_sae], optional) marks latents the trainer considers dead.
+        target defaults to x (a transcoder passes a different target).
+        """
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise UserError(
+                f"training_forward needs a [batch, d_in] tensor with batch >= 2, got shape {tuple(x.shape)}; "
+                "flatten tokens into the batch dimension and use a larger batch size"
+            )
+        target = x if target is None else target.to(self.dtype)
+        pre = self.encode_pre(x)
+        code = self.train_code(pre)
+        x_hat = self.decode_code(code)
+        terms = {"fvu": fvu(target, x_hat)}
+        terms.update(self.aux_losses(x, target, x_hat, pre, code, dead_mask))
+        loss = sum(terms.values())
+        return TrainOutput(
+            x_hat=x_hat,
+            loss=loss,
+            losses={name: value.detach() for name, value in terms.items()},
+            fired=code.fired(self.cfg.d_sae),
+            l0=code.l0().detach(),
+        )
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (call after each optimiser step)."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min(torch.finfo(self.dtype).eps))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out of W_dec.grad the part parallel to each decoder row (call before the optimiser
+        step), so Adam moves rows along the unit sphere as in Gao et al. 2024 / sparsify."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        rows = self.W_dec
+        parallel = (grad * rows).sum(dim=1, keepdim=True) / rows.pow(2).sum(dim=1, keepdim=True).clamp_min(
+            torch.finfo(self.dtype).eps
+        )
+        grad.sub_(parallel * rows)

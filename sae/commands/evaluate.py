@@ -1,0 +1,42 @@
+"""`sae eval`: load a trained SAE and its model, evaluate on held-out text, write RUN/eval.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sae.commands.common import pick_device
+
+
+def evaluate_run(run: str | Path, *, lm=None, model: str | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, split: str = "test", text_field: str | None = None,
+                 data_dir: str | None = None, tokens: int = 16384, model_batch_size: int = 8, device: str = "auto") -> dict:
+    """Evaluate the SAE in `run`; prints a summary and writes eval.json next to it."""
+    from activations.models import load_model
+    from activations.sources import open_text_source
+    from analysis.evaluate import EvalConfig, evaluate
+    from sae.io import load_sae
+
+    run = Path(run)
+    if lm is None:
+        device = pick_device(device)
+        sae = load_sae(run, device=device)
+        lm = load_model(model or sae.cfg.model_name, device=device)
+    else:
+        sae = load_sae(run, device=str(lm.device))
+    dataset = dataset or sae.cfg.dataset or "wikitext-2"
+    source = open_text_source(dataset, split=split, config=dataset_config, text_field=text_field, data_dir=data_dir)
+    result = evaluate(sae, lm, source, EvalConfig(tokens=tokens, model_batch_size=model_batch_size)).to_dict()
+    result.update(dataset=dataset, split=split, model=lm.name)
+    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"eval on {result['tokens']} held-out tokens ({dataset}, {split}): FVU {result['fvu']:.3f}  L0 {result['l0']:.1f}  "
+          f"dead {result['dead_fraction']:.3f}  CE clean {result['ce_loss_clean']:.3f} / SAE {result['ce_loss_sae']:.3f} / "
+          f"zero {result['ce_loss_zero']:.3f}  ce_recovered {result['ce_recovered']:.3f}  KL {result['kl_sae']:.3f}  → {run / 'eval.json'}")
+    return result
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    return evaluate_run(args.run, model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
+                        split=args.split, text_field=args.text_field, data_dir=args.data_dir, tokens=args.tokens,
+                        model_batch_size=args.model_batch_size, device=args.device)
