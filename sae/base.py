@@ -148,6 +148,10 @@ class SAE(nn.Module):
             return self.decode(code.acts)
         return sparse_decode(code.idx, code.acts, self.W_dec) + self.b_dec
 
+    def set_progress(self, fraction: float) -> None:
+        """Called by the trainer before each step with the fraction of training done, for schedules
+        such as an L1 coefficient warm-up; the default does nothing."""
+
     def aux_losses(
         self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
     ) -> dict[str, Tensor]:

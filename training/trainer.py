@@ -90,6 +90,7 @@ class Trainer:
                     sae.b_dec.data.copy_(initial_b_dec(x, cfg.b_dec_init))
 
                 dead_mask = self.tokens_since_fired >= self.dead_tokens
+                sae.set_progress(self.step / self.total_steps)
                 with autocast:
                     out = sae.training_forward(x, dead_mask)
                 if not torch.isfinite(out.loss):

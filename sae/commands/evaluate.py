@@ -8,6 +8,23 @@ from pathlib import Path
 
 from sae.commands.common import pick_device
 
+HELP = "evaluate a trained SAE on held-out text (writes RUN/eval.json)"
+DESCRIPTION = "Reconstruction (FVU, L0, dead latents) and spliced-in next-token loss on held-out text."
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The options of `sae eval`."""
+    p.add_argument("run", help="run folder (or SAE folder holding cfg.json and sae_weights.safetensors)")
+    p.add_argument("--model", default=None, help="model to evaluate with (default: the one the SAE was trained on)")
+    p.add_argument("--dataset", default=None, help="held-out text (default: the training corpus's test split)")
+    p.add_argument("--dataset-config", default=None)
+    p.add_argument("--split", default="test", help="held-out split (default test)")
+    p.add_argument("--text-field", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate on (default 16384)")
+    p.add_argument("--model-batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+
 
 def evaluate_run(run: str | Path, *, lm=None, model: str | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, split: str = "test", text_field: str | None = None,
@@ -36,7 +53,7 @@ def evaluate_run(run: str | Path, *, lm=None, model: str | None = None, dataset:
     return result
 
 
-def run_eval(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     return evaluate_run(args.run, model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
                         split=args.split, text_field=args.text_field, data_dir=args.data_dir, tokens=args.tokens,
                         model_batch_size=args.model_batch_size, device=args.device)

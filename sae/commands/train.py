@@ -13,9 +13,58 @@ import torch
 from activations.errors import UserError
 from sae.commands.common import model_dtype, pick_device
 
+HELP = "train a dictionary and write a run folder"
+DESCRIPTION = ("Stream activations from a model over a text source and train an SAE on them. With no options: "
+               "SmolLM2-135M, blocks.15.hook_resid_pre, wikitext-2, TopK k=32, 8x expansion, then evaluate.")
+DEFAULT_HOOK = "blocks.15.hook_resid_pre"   # the residual stream half-way through SmolLM2-135M's 30 blocks
 RUN_CONFIG = "run_config.json"
 # Options a resumed run may change; everything else comes from the run's own run_config.json.
 RESUME_OVERRIDES = ("lr", "tokens", "device", "wandb", "no_eval", "eval_tokens", "checkpoint_every", "log_every")
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The options of `sae train` (a --config file may set any of them)."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="HF hub id, local model folder, .gguf file, or 'smollm2-135m' (embedded default, offline)")
+    g.add_argument("--hook", default=DEFAULT_HOOK, help=f"hook point, e.g. blocks.6.hook_resid_post (default {DEFAULT_HOOK})")
+    g.add_argument("--dataset", default="wikitext-2",
+                   help="'wikitext-2', 'tinyshakespeare', a local .txt/.jsonl/.parquet file or folder, or an HF dataset id")
+    g.add_argument("--dataset-config", default=None, help="HF dataset config name (e.g. wikitext-2-raw-v1)")
+    g.add_argument("--split", default="train", help="dataset split to train on (default train)")
+    g.add_argument("--text-field", default=None, help="text column/field of jsonl, parquet or HF datasets (default 'text')")
+    g.add_argument("--data-dir", default=None, help="folder holding local copies of the named corpora")
+    g.add_argument("--context-size", type=int, default=128, help="tokens per packed context (default 128)")
+    g.add_argument("--model-batch-size", type=int, default=8, help="contexts per model forward (default 8)")
+    g.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle buffer size in tokens (default 65536)")
+    g.add_argument("--no-normalise", action="store_true", help="train on raw activations (no mean-norm scaling)")
+    g.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model forward (default: float32 on CPU, bfloat16 on CUDA)")
+
+    g = p.add_argument_group("dictionary")
+    g.add_argument("--architecture", default="topk", help="SAE architecture (default topk)")
+    g.add_argument("--k", type=int, default=32, help="active latents per token for TopK (default 32)")
+    g.add_argument("--expansion", type=int, default=8, help="d_sae = expansion × d_model (default 8)")
+    g.add_argument("--d-sae", type=int, default=None, help="number of latents (overrides --expansion)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--tokens", type=int, default=250_000, help="training budget in tokens (default 250000)")
+    g.add_argument("--batch-size", type=int, default=4096, help="tokens per training step (default 4096)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(d_sae/16384))")
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default 50)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=None, help="run folder (default runs/<model>-<hook>-<architecture>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints (default 20)")
+    g.add_argument("--log-every", type=int, default=5, help="steps between metrics.jsonl lines (default 5)")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without network)")
+    g.add_argument("--wandb-project", default="saelab")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation that follows training")
+    g.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for the final evaluation (default 16384)")
+    p.add_argument("--config", default=None, help="YAML or JSON file whose keys set any of these options (the command line wins)")
 
 
 def default_out(opts: dict) -> Path:
@@ -34,15 +83,17 @@ def _options(args: argparse.Namespace, out: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{out} holds no run to resume ({RUN_CONFIG} missing); check --out, or start without --resume.")
     opts = json.loads(path.read_text())["options"]
-    from sae.cli import build_parser
-    defaults = vars(build_parser().parse_args(["train"]))
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    defaults = vars(parser.parse_args([]))
     for key in RESUME_OVERRIDES:  # an option changed from its default on this command line wins
         if given.get(key) != defaults.get(key):
             opts[key] = given[key]
     return opts
 
 
-def run_train(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path:
+    """Train (or resume) and, unless --no-eval, evaluate."""
     from activations.models import load_model
     from activations.sources import open_text_source
     from activations.store import ActivationStore, StoreConfig
