@@ -17,7 +17,9 @@ from torch import nn
 
 from activations.errors import UserError
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "hook_mlp_in")
+# Kinds read from a module's input (forward pre-hook) rather than its output.
+_INPUT_KINDS = ("hook_resid_pre", "hook_mlp_in")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class ArchTable:
     mlp: str          # likewise for the MLP
     final_norm: str   # norm applied before the unembedding
     unembed: str      # the output projection to the vocabulary
+    mlp_in: str = "mlp"  # submodule of a block whose input is the MLP's input (after its norm): hook_mlp_in
 
 
 _LLAMA = ArchTable("model.layers", "self_attn", "mlp", "model.norm", "lm_head")
@@ -94,6 +97,8 @@ def _module_for(model: nn.Module, hp: HookPoint) -> nn.Module:
     block = model.get_submodule(table.layers)[hp.layer]
     if hp.kind in ("hook_resid_pre", "hook_resid_post"):
         return block
+    if hp.kind == "hook_mlp_in":
+        return block.get_submodule(table.mlp_in)
     return block.get_submodule(table.attn if hp.kind == "hook_attn_out" else table.mlp)
 
 
@@ -112,13 +117,14 @@ class _StopForward(Exception):
 def _register(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Register `fn(activation) -> replacement or None` at hook point `hp`; returns the handle."""
     module = _module_for(model, hp)
-    if hp.kind == "hook_resid_pre":
+    if hp.kind in _INPUT_KINDS:
         def pre_hook(mod, args, kwargs):
             if args:
                 new = fn(args[0])
                 return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            new = fn(kwargs[key])
+            return None if new is None else (args, {**kwargs, key: new})
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(mod, args, output):

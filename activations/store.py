@@ -7,7 +7,6 @@ out as `[batch, n_hooks, d_model]` tensors. The model runs only up to the deepes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from activations.errors import UserError
 from activations.hookpoints import HookPoint, parse_hook, run_with_cache
 from activations.models import LoadedModel
+from activations.shuffle import ShuffledActivations, resume_generator
 from activations.sources import Document
 from activations.tokens import ContextBatch, batch_contexts, pack_contexts, special_token_mask
 
@@ -37,10 +37,12 @@ class StoreConfig:
     seed: int = 0
     device: str = "cpu"                # where batches are delivered (and the buffer lives)
     epochs: int | None = None          # passes over the text; None loops until the consumer stops
+    rank: int = 0                      # data-parallel ranks: this one runs model batches rank, rank + world_size, ...
+    world_size: int = 1                #   of the shared stream (and all of them agree on the normalisation scale)
     extra: dict = field(default_factory=dict)
 
 
-class ActivationStore:
+class ActivationStore(ShuffledActivations):
     """Iterate to get shuffled, normalised activation batches `[batch_size, n_hooks, d_model]`."""
 
     def __init__(self, lm: LoadedModel, source: Iterable[Document], cfg: StoreConfig,
@@ -52,7 +54,7 @@ class ActivationStore:
         self.contexts_consumed = skip_contexts   # contexts already run through the model (resume point)
         self.tokens_emitted = 0
         self.epoch = 0
-        self._generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + skip_contexts)
+        self._generator = resume_generator(cfg.seed, skip_contexts)
 
     @property
     def hook_names(self) -> list[str]:
@@ -60,12 +62,16 @@ class ActivationStore:
 
     # ---- text → contexts -------------------------------------------------------------
     def context_batches(self) -> Iterator[ContextBatch]:
-        """Model-sized batches of packed contexts, looping over the source epoch after epoch."""
+        """Model-sized batches of packed contexts, looping over the source epoch after epoch.
+
+        With world_size > 1 this rank takes batches rank, rank + world_size, ... of the shared stream, and
+        contexts_consumed is its position in that stream (the other ranks' batches it passed included).
+        """
         skip = self.contexts_consumed
         while self.cfg.epochs is None or self.epoch < self.cfg.epochs:
             contexts = pack_contexts(self.source, self.lm.tokenizer, self.cfg.context_size, self.cfg.prepend_bos)
             n_in_epoch = 0
-            for batch in batch_contexts(contexts, self.cfg.model_batch_size):
+            for i, batch in enumerate(batch_contexts(contexts, self.cfg.model_batch_size)):
                 n_in_epoch += len(batch.tokens)
                 if skip >= len(batch.tokens):
                     skip -= len(batch.tokens)
@@ -73,6 +79,9 @@ class ActivationStore:
                 if skip:
                     batch = ContextBatch(batch.tokens[skip:], batch.doc_ids[skip:], batch.positions[skip:])
                     skip = 0
+                if i % self.cfg.world_size != self.cfg.rank:  # another rank's batch
+                    self.contexts_consumed += len(batch.tokens)
+                    continue
                 yield batch
             self.epoch += 1
             if self.cfg.epochs is None or self.epoch < self.cfg.epochs:
@@ -88,69 +97,28 @@ class ActivationStore:
             keep[:, 0] = False
         return keep
 
-    # ---- contexts → activations -------------------------------------------------------
+    # ---- contexts → activations (ShuffledActivations.__iter__ shuffles them) ----------------
     @torch.inference_mode()
-    def raw_activations(self) -> Iterator[torch.Tensor]:
-        """Unshuffled, unnormalised activations of kept positions, `[n, n_hooks, d_model]`, float32."""
+    def raw_batches(self) -> Iterator[tuple[torch.Tensor, ContextBatch, torch.Tensor]]:
+        """Per model batch: (activations of kept positions `[n, n_hooks, d_model]` float32, the
+        contexts, their keep mask `[B, T]`), unshuffled and unnormalised, in stream order."""
         device = self.lm.device
         for batch in self.context_batches():
             tokens = batch.tokens.to(device)
             cache = run_with_cache(self.lm.model, tokens, self.hook_points)
             acts = torch.stack([cache[hp.name] for hp in self.hook_points], dim=2)  # [B, T, H, d]
-            acts = acts[self.keep_mask(tokens)].to(self.cfg.device, torch.float32)
+            keep = self.keep_mask(tokens)
+            acts = acts[keep].to(self.cfg.device, torch.float32)
             self.contexts_consumed += len(batch.tokens)
             if not torch.isfinite(acts).all():
                 raise UserError(
                     f"the model produced NaN/Inf activations at {', '.join(self.hook_names)}; "
                     "run the model in float32 (--model-dtype float32) or check the model weights."
                 )
+            yield acts, batch, keep.cpu()
+
+    def raw_activations(self) -> Iterator[torch.Tensor]:
+        """Unshuffled, unnormalised activations of kept positions, `[n, n_hooks, d_model]`, float32."""
+        for acts, _, _ in self.raw_batches():
             if len(acts):
                 yield acts
-
-    def _estimate_scales(self, acts: torch.Tensor) -> dict[str, float]:
-        mean_norm = acts.norm(dim=-1).mean(dim=0)  # [H]
-        return {name: math.sqrt(self.d_in) / max(float(n), 1e-12) for name, n in zip(self.hook_names, mean_norm)}
-
-    # ---- activations → shuffled batches -----------------------------------------------
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        cfg = self.cfg
-        capacity = max(cfg.buffer_tokens, 2 * cfg.batch_size)
-        buffer = torch.empty(capacity, len(self.hook_points), self.d_in, device=cfg.device)
-        n, pending = 0, None
-        stream = self.raw_activations()
-        exhausted = False
-        while True:
-            # Fill the buffer to capacity (a chunk that does not fit waits for the next fill).
-            while n < capacity and not exhausted:
-                if pending is None:
-                    pending = next(stream, None)
-                    if pending is None:
-                        exhausted = True
-                        break
-                take = min(capacity - n, len(pending))
-                buffer[n:n + take] = pending[:take]
-                n += take
-                pending = pending[take:] if take < len(pending) else None
-            if n == 0:
-                return
-            if cfg.normalise and self.scales is None:
-                self.scales = self._estimate_scales(buffer[:n])
-            perm = torch.randperm(n, generator=self._generator).to(cfg.device)
-            buffer[:n] = buffer[perm]
-            # Emit half the buffer, keep the rest to mix with the next fill (all of it at the end).
-            emit = n if exhausted else n // 2
-            emit -= emit % cfg.batch_size if not exhausted else 0
-            scale = self._scale_tensor()
-            for start in range(0, emit, cfg.batch_size):
-                out = buffer[start:min(start + cfg.batch_size, emit)] * scale
-                self.tokens_emitted += len(out)
-                yield out
-            if exhausted:
-                return
-            buffer[:n - emit] = buffer[emit:n].clone()
-            n -= emit
-
-    def _scale_tensor(self) -> torch.Tensor:
-        if not self.cfg.normalise or self.scales is None:
-            return torch.ones(len(self.hook_points), 1, device=self.cfg.device)
-        return torch.tensor([[self.scales[h]] for h in self.hook_names], device=self.cfg.device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from activations.errors import UserError
-from activations.hookpoints import parse_hook, patched
+from activations.hookpoints import hooks_installed, parse_hook, patched
 from activations.models import LoadedModel
 from activations.sources import Document
 from activations.store import ActivationStore, StoreConfig
@@ -63,6 +63,8 @@ def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tens
 def evaluate(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: EvalConfig = EvalConfig()) -> EvalResult:
     """One pass over `cfg.tokens` tokens of `source`; everything in raw (unnormalised) activation space."""
     hp = parse_hook(sae.cfg.hook_name, lm.model)
+    # A transcoder reads hook_name and reconstructs hook_name_out: its output is spliced in there.
+    hp_out = parse_hook(sae.cfg.hook_name_out, lm.model) if getattr(sae.cfg, "hook_name_out", None) else hp
     if sae.cfg.d_in != lm.d_model:
         raise UserError(
             f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model} (last dimension {lm.d_model}); "
@@ -81,23 +83,26 @@ def evaluate(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: EvalCon
             keep = store.keep_mask(tokens)
             captured: dict[str, torch.Tensor] = {}
 
-            def capture(act):
-                captured["x"] = act
-                return None
-            with patched(lm.model, hp, capture):
+            def capture(name):
+                def fn(act):
+                    captured[name] = act
+                    return None
+                return fn
+            with hooks_installed(lm.model, {hp: capture("in")} if hp_out is hp else {hp: capture("in"), hp_out: capture("out")}):
                 logits_clean = lm.model(input_ids=tokens, use_cache=False).logits
-            x = captured["x"][keep].float().to(sae.W_dec.device)
-            feats = sae.encode_raw(x)
-            x_hat = sae.decode(feats) / sae.cfg.norm_scale
+            x_in = captured["in"][keep].float().to(sae.W_dec.device)
+            x = captured["out" if hp_out is not hp else "in"][keep].float().to(sae.W_dec.device)  # what is reconstructed
+            feats = sae.encode_raw(x_in)
+            x_hat = sae.decode(feats) / getattr(sae.cfg, "norm_scale_out" if hp_out is not hp else "norm_scale")
             fired |= (feats > 0).any(0)
 
             def splice(act, replacement=x_hat):
                 act = act.clone()
                 act[keep] = replacement.to(act.dtype).to(act.device)
                 return act
-            with patched(lm.model, hp, splice):
+            with patched(lm.model, hp_out, splice):
                 logits_sae = lm.model(input_ids=tokens, use_cache=False).logits
-            with patched(lm.model, hp, lambda act: splice(act, torch.zeros_like(x_hat))):
+            with patched(lm.model, hp_out, lambda act: splice(act, torch.zeros_like(x_hat))):
                 logits_zero = lm.model(input_ids=tokens, use_cache=False).logits
 
             where = keep.float()
@@ -130,5 +135,5 @@ def evaluate(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: EvalCon
         dead_fraction=1 - fired.float().mean().item(),
         ce_loss_clean=ce_clean, ce_loss_sae=ce_sae, ce_loss_zero=ce_zero,
         ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
-        kl_sae=sums["kl"] / sums["n_pred"], tokens=n, hook=hp.name,
+        kl_sae=sums["kl"] / sums["n_pred"], tokens=n, hook=hp.name if hp_out is hp else f"{hp.name} -> {hp_out.name}",
     )

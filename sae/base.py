@@ -6,7 +6,9 @@ training code (`train_code`) and extra loss terms (`aux_losses`); everything els
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +61,38 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     Scale-free (1.0 = predicting the batch mean), so loss coefficients transfer across models/layers.
     """
     x, x_hat = x.float(), x_hat.float()
-    total = (x - x.mean(dim=0)).pow(2).sum()
+    total = _batch_variance(x)
     return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def local_variance(x: Tensor) -> Tensor:
+    """sum((x - x.mean(0))^2) over this process's batch: the denominator of fvu() and penalty()."""
+    return (x - x.mean(dim=0)).pow(2).sum()
+
+
+# The batch-variance function fvu() and penalty() divide by. Data-parallel training swaps in the
+# variance of the global batch across ranks (training/distributed.py), so the ranks' losses average
+# to exactly the one-process loss on the whole batch.
+_batch_variance: Callable[[Tensor], Tensor] = local_variance
+
+
+@contextmanager
+def batch_variance(fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within this block fvu() and penalty() divide by fn(x) instead of local_variance(x)."""
+    global _batch_variance
+    previous, _batch_variance = _batch_variance, fn
+    try:
+        yield
+    finally:
+        _batch_variance = previous
+
+
+def penalty(per_token: Tensor, target: Tensor) -> Tensor:
+    """Mean of a per-token penalty [B] divided by FVU's denominator (the target's mean squared deviation
+    per token), so coefficients keep their SAELens meaning: FVU + penalty = (summed MSE + coef * term) / var."""
+    target = target.float()
+    variance = _batch_variance(target) / len(target)
+    return per_token.float().mean() / variance.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class SAE(nn.Module):
@@ -70,6 +102,8 @@ class SAE(nn.Module):
     """
 
     architecture: str = ""  # set by sae.registry.register
+    unit_norm_decoder: bool = True  # False: decoder norms are free (the sparsity penalty weights by them)
+    progress: float = 1.0  # fraction of training done, from set_progress (1.0 outside training)
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """Tied init (Gao et al. 2024): unit-norm random decoder rows, W_enc = W_dec.T, zero biases.
@@ -150,7 +184,18 @@ class SAE(nn.Module):
 
     def set_progress(self, fraction: float) -> None:
         """Called by the trainer before each step with the fraction of training done, for schedules
-        such as an L1 coefficient warm-up; the default does nothing."""
+        such as the sparsity coefficient warm-up (see warmed_up)."""
+        self.progress = float(fraction)
+
+    def warmed_up(self, coefficient: float) -> float:
+        """coefficient scaled linearly from 0 to 1 over the first cfg.sparsity_warmup_fraction of training."""
+        warmup = self.cfg.sparsity_warmup_fraction
+        return coefficient if warmup <= 0 else coefficient * min(1.0, self.progress / warmup)
+
+    def l1_penalty(self, acts: Tensor, target: Tensor) -> Tensor:
+        """Warmed-up l1_coefficient * sum_i f_i ||W_dec_i|| (Anthropic, April 2024), as a term added to FVU."""
+        weighted = (acts.float() * self.W_dec.float().norm(dim=1)).sum(dim=-1)
+        return self.warmed_up(self.cfg.l1_coefficient) * penalty(weighted, target)
 
     def aux_losses(
         self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
@@ -188,16 +233,20 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
-        """Rescale every decoder row to unit norm (call after each optimiser step)."""
+        """Rescale every decoder row to unit norm (call after each optimiser step); no-op when the
+        architecture leaves decoder norms free (unit_norm_decoder = False)."""
+        if not self.unit_norm_decoder:
+            return
         norms = self.W_dec.norm(dim=1, keepdim=True)
         self.W_dec.div_(norms.clamp_min(torch.finfo(self.dtype).eps))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Project out of W_dec.grad the part parallel to each decoder row (call before the optimiser
-        step), so Adam moves rows along the unit sphere as in Gao et al. 2024 / sparsify."""
+        step), so Adam moves rows along the unit sphere as in Gao et al. 2024 / sparsify; no-op when
+        unit_norm_decoder is False."""
         grad = self.W_dec.grad
-        if grad is None:
+        if grad is None or not self.unit_norm_decoder:
             return
         rows = self.W_dec
         parallel = (grad * rows).sum(dim=1, keepdim=True) / rows.pow(2).sum(dim=1, keepdim=True).clamp_min(

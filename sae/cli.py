@@ -18,6 +18,11 @@ from activations.errors import UserError
 COMMANDS = {
     "train": "train",
     "eval": "evaluate",
+    "inspect": "inspect",
+    "steer": "steer",
+    "cache": "cache",
+    "export": "export",
+    "catalogue": "catalogue",
 }
 
 

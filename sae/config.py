@@ -20,6 +20,14 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 
+# saelab architecture -> the SAELens 6 architecture that encodes identically from the same tensors
+# (batchtopk-style SAEs infer with a per-latent threshold, which SAELens calls jumprelu).
+SAELENS_ARCHITECTURES = {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+# A plain SAELens cfg.json's architecture -> the saelab one that encodes identically (sae.saelens converts
+# the tensors; batchtopk/matryoshka_batchtopk are SAELens training checkpoints, inferred with a threshold).
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+                "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+
 # SAELens >= 6 treats a cfg.json without a version as pre-6.0 and drops its `metadata`; we write
 # the format of 6.0 so SAELens reads our metadata as written.
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -45,6 +53,20 @@ class SAEConfig:
     k: int = 32  # TopK: active latents per token
     aux_k: int | None = None  # AuxK: dead latents used for the aux loss (None -> d_in // 2)
     aux_k_coef: float = 1 / 32
+    # sparsity penalties, in SAELens units (added to FVU as SAELens adds them to the summed MSE, see sae.base.penalty)
+    l1_coefficient: float = 5.0  # relu, gated: L1 of f_i * ||W_dec_i|| (Anthropic April 2024 update)
+    l0_coefficient: float = 1.0  # jumprelu: L0 through the straight-through estimator
+    sparsity_warmup_fraction: float = 0.05  # l1/l0 coefficient warms up linearly over this fraction of training
+    jumprelu_bandwidth: float = 0.05  # STE rectangle-kernel width, in (normalised) activation units
+    jumprelu_init_threshold: float = 0.5  # SAELens uses 0.01; thresholds move ~lr per step, so 0.5 suits short runs
+    pre_act_loss_coefficient: float = 0.0  # jumprelu: Anthropic's pre-activation loss on dead latents (0 = off)
+    topk_threshold_lr: float = 0.01  # batchtopk, matryoshka: EMA rate of the inference threshold
+    matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes (None: d_sae/16, /8, /4, /2, d_sae)
+    # transcoder: reads hook_name (d_in), reconstructs hook_name_out (d_out)
+    d_out: int | None = None  # None: d_in
+    hook_name_out: str = ""
+    hook_layer_out: int = -1
+    norm_scale_out: float = 1.0  # transcoder target = raw output activation * norm_scale_out
     dtype: str = "float32"
     # provenance, written to cfg.json so users can come back later
     model_name: str = ""
@@ -64,6 +86,9 @@ class SAEConfig:
                 raise UserError(f"SAE config {name} must be a positive integer, got {value!r}")
         if not self.norm_scale > 0:
             raise UserError(f"SAE config norm_scale must be > 0, got {self.norm_scale!r}")
+        for name in ("l1_coefficient", "l0_coefficient", "pre_act_loss_coefficient", "sparsity_warmup_fraction"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"SAE config {name} must be >= 0, got {getattr(self, name)!r}; set it in the config")
         torch_dtype(self.dtype)  # validates the name
 
     @property
@@ -93,12 +118,12 @@ class SAEConfig:
     def to_saelens_dict(self) -> dict:
         """The cfg.json content: SAELens 6.x top-level keys + metadata, and our full config under "saelab"."""
         out = {
-            "architecture": self.architecture,
+            "architecture": SAELENS_ARCHITECTURES.get(self.architecture, self.architecture),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "device": "cpu",
-            "apply_b_dec_to_input": True,
+            "apply_b_dec_to_input": self.architecture != "transcoder",
             "normalize_activations": "none" if self.norm_scale == 1.0 else "expected_average_only_in",
             "metadata": {
                 "model_name": self.model_name,
@@ -114,6 +139,9 @@ class SAEConfig:
         }
         if self.architecture == "topk":
             out["k"] = self.k
+        if self.architecture == "transcoder":
+            out.update(d_out=self.d_out or self.d_in, hook_name_out=self.hook_name_out,
+                       hook_layer_out=self.hook_layer_out)
         out["saelab"] = self.to_dict()
         return out
 
@@ -134,7 +162,7 @@ class SAEConfig:
         plain = {
             "d_in": d.get("d_in"),
             "d_sae": d.get("d_sae"),
-            "architecture": d.get("architecture", "standard"),
+            "architecture": FROM_SAELENS.get(d.get("architecture", "standard"), d.get("architecture", "standard")),
             "dtype": str(d.get("dtype", "float32")),
             "model_name": pick("model_name", ""),
             "hook_name": pick("hook_name", ""),
@@ -144,6 +172,7 @@ class SAEConfig:
             "dataset": pick("dataset_path", ""),
             "extra": {key: value for key, value in d.items() if key not in used},
         }
-        if "k" in d:
-            plain["k"] = d["k"]
+        plain["extra"]["saelens_architecture"] = d.get("architecture", "standard")
+        if "k" in d:  # BatchTopK's k is a float in SAELens
+            plain["k"] = int(d["k"]) if float(d["k"]).is_integer() else d["k"]
         return cls.from_dict({key: value for key, value in plain.items() if value is not None})

@@ -101,7 +101,7 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[
 
 
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by save_sae (or a SAELens topk folder), checked, onto device."""
+    """Load an SAE folder written by save_sae, or one written by SAELens 6.x (sae.saelens), checked, onto device."""
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -109,6 +109,10 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} requested but CUDA is not available; use device='cpu'")
     folder = Path(folder)
+    from sae.saelens import is_saelens_folder, load_saelens  # lazy: sae.saelens uses this module
+
+    if is_saelens_folder(folder):
+        return load_saelens(folder, device)
     cfg = read_cfg(folder)
     try:
         cls = get_architecture(cfg.architecture)

@@ -47,3 +47,9 @@ def make_sae(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
 
 # Built-in architectures: each import registers one. Add new architecture modules here.
 import sae.topk  # noqa: E402,F401
+import sae.relu  # noqa: E402,F401
+import sae.batchtopk  # noqa: E402,F401
+import sae.jumprelu  # noqa: E402,F401
+import sae.gated  # noqa: E402,F401
+import sae.matryoshka  # noqa: E402,F401
+import sae.transcoder  # noqa: E402,F401

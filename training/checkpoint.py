@@ -37,17 +37,24 @@ def save_checkpoint(run_dir: Path, sae: SAE, state: dict) -> Path:
     return final
 
 
-def load_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[SAE, dict]:
-    """The last complete checkpoint of a run, or a UserError saying why it cannot be resumed."""
+def load_checkpoint(run_dir: Path, device: str = "cpu", shard: bool = False) -> tuple[SAE, dict]:
+    """The last complete checkpoint of a run, or a UserError saying why it cannot be resumed.
+
+    shard: only this rank's slice of the latents (sae.sharded), the state memory-mapped on the CPU.
+    """
     run_dir = Path(run_dir)
     path = checkpoint_dir(run_dir)
     if not path.exists() and (run_dir / ".checkpoint-old").exists():
         path = run_dir / ".checkpoint-old"  # killed during the swap: the previous one is complete
     if not (path / STATE_FILE).is_file():
         raise UserError(f"{run_dir} has no checkpoint to resume from; start it again without --resume.")
-    sae = load_sae(path, device=device)
+    if shard:
+        from sae.sharded import load_sharded
+        sae = load_sharded(path, device=device)
+    else:
+        sae = load_sae(path, device=device)
     try:
-        state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
+        state = torch.load(path / STATE_FILE, map_location="cpu" if shard else device, weights_only=False, mmap=shard)
     except Exception as e:
         raise UserError(f"checkpoint state {path / STATE_FILE} is corrupt ({type(e).__name__}); "
                         "delete RUN/checkpoint and start the run again without --resume.") from e

@@ -37,3 +37,13 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class NoLog:
+    """The log of a rank that does not write the run folder: every call does nothing."""
+
+    def truncate_after(self, step: int) -> None: ...
+
+    def log(self, metrics: dict) -> None: ...
+
+    def close(self) -> None: ...

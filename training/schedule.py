@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
-    """Multiplier on the base learning rate at `step` (0-based)."""
+    """Multiplier on the base learning rate at `step` (0-based); warm-up is capped at a tenth of the run."""
+    warmup_steps = min(warmup_steps, total_steps // 10)
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = int(total_steps * decay_fraction)

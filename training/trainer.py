@@ -19,9 +19,13 @@ from sae.base import SAE
 from sae.io import save_sae
 from training.checkpoint import checkpoint_dir, save_checkpoint
 from training.config import TrainConfig
+from training.distributed import SingleProcess
 from training.init import initial_b_dec
-from training.log import MetricsLog
+from training.log import MetricsLog, NoLog
 from training.schedule import lr_factor
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile backend for Trainer(compile=True); tests use "aot_eager"
 
 
 def default_lr(d_sae: int) -> float:
@@ -30,15 +34,25 @@ def default_lr(d_sae: int) -> float:
 
 
 class Trainer:
-    """Trains one SAE on one hook of a store (index `hook_index` of the store's hooks)."""
+    """Trains one SAE on one hook of a store (index `hook_index` of the store's hooks; a transcoder
+    reconstructs hook `target_index`). train() runs the loop; begin/train_step/end let training.multi
+    step several trainers on the same batches.
+
+    `parallel` (training.distributed) says how ranks share the work; the default is one process.
+    """
 
     def __init__(self, sae: SAE, store: Iterable[torch.Tensor], cfg: TrainConfig, run_dir: str | Path,
-                 hook_index: int = 0, run_config: dict | None = None):
+                 hook_index: int = 0, run_config: dict | None = None, parallel: SingleProcess | None = None,
+                 target_index: int | None = None, compile: bool = False):
         self.sae, self.store, self.cfg, self.hook_index = sae, store, cfg, hook_index
+        self.target_index = target_index   # a transcoder reconstructs this hook of the store's batches
+        self.show_progress = True          # False when a MultiTrainer shows one bar for all its trainers
+        self.last_metrics: dict = {}
+        self.parallel = parallel or SingleProcess()
         self.run_dir = Path(run_dir)
         self.run_config = run_config or {}
         self.device = torch.device(cfg.device)
-        self.batch_size = store.cfg.batch_size
+        self.batch_size = store.cfg.batch_size * self.parallel.world_size  # a data-parallel step: every rank's share
         self.total_steps = max(1, math.ceil(cfg.tokens / self.batch_size))
         self.lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
@@ -46,19 +60,23 @@ class Trainer:
         self.dead_tokens = cfg.dead_tokens or max(self.batch_size, min(10_000_000, cfg.tokens // 5))
         self.step, self.tokens = 0, 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+        self.forward = self.parallel.wrap(sae)
+        if compile:  # --compile: torch.compile the training forward (the backward follows it); first steps are slow
+            self.forward = torch.compile(self.forward, backend=COMPILE_BACKEND)
 
     # ---- state for checkpoints ----------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "tokens": self.tokens, "optimizer": self.parallel.optimizer_state(self.optimizer, self.sae),
             "tokens_since_fired": self.tokens_since_fired, "store_scales": self.store.scales,
             "contexts_consumed": self.store.contexts_consumed, "torch_rng": torch.get_rng_state(),
+            "data_positions": self.parallel.data_positions(self.store.contexts_consumed),  # one per rank
             "train_config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.sae))
         for group in self.optimizer.param_groups:  # a resumed run may be given a new --lr
             group["initial_lr"] = self.lr
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
@@ -67,78 +85,112 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def train(self, resume_state: dict | None = None, stop_after_steps: int | None = None) -> SAE:
         """Run to the token budget (or `stop_after_steps` more steps); returns the trained SAE."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.run_dir, self.cfg.wandb, self.cfg.wandb_project, self.run_config, resume_state is not None)
-        if resume_state is not None:
-            self.load_state_dict(resume_state)
-            log.truncate_after(self.step)
-        last_good = self.step if resume_state is not None else None
-        sae, cfg = self.sae, self.cfg
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        started, tokens_at_start, steps_run = time.time(), self.tokens, 0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.begin(resume_state)
         batches = iter(self.store)
+        steps_run = 0
         try:
-            while self.step < self.total_steps:
+            while not self.done:
                 if stop_after_steps is not None and steps_run >= stop_after_steps:
                     break
-                batch = next(batches, None)
-                if batch is None:
+                if not self.train_step(next(batches, None)):
                     break
-                x = batch[:, self.hook_index].to(self.device)
-                if self.step == 0 and cfg.b_dec_init != "zeros":
-                    sae.b_dec.data.copy_(initial_b_dec(x, cfg.b_dec_init))
-
-                dead_mask = self.tokens_since_fired >= self.dead_tokens
-                sae.set_progress(self.step / self.total_steps)
-                with autocast:
-                    out = sae.training_forward(x, dead_mask)
-                if not torch.isfinite(out.loss):
-                    where = f"the last good checkpoint (step {last_good}) is in {checkpoint_dir(self.run_dir)}" \
-                        if last_good is not None else "no checkpoint was written yet"
-                    raise UserError(
-                        f"training loss became {out.loss.item()} at step {self.step}; {where}. "
-                        f"Lower the learning rate (now {self.lr:g}, e.g. --lr {self.lr / 10:g}) and "
-                        "resume with --resume, or check the activations for extreme values."
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                sae.remove_parallel_grad()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr * factor
-                self.optimizer.step()
-                sae.normalise_decoder()
-                self._count_fired(out.fired, len(x))
-
-                self.step += 1
                 steps_run += 1
-                self.tokens += len(x)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    metrics = self._metrics(x, out, factor, (self.tokens - tokens_at_start) / max(time.time() - started, 1e-9))
-                    log.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}",
-                                    dead=f"{metrics['dead_fraction']:.2f}")
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self._record_scale()
-                    save_checkpoint(self.run_dir, sae, self.state_dict())
-                    last_good = self.step
         finally:
-            bar.close()
-            log.close()
-        if self.step >= self.total_steps:
+            self.end()
+        return self.sae
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def begin(self, resume_state: dict | None = None) -> None:
+        """Open the log (and the progress bar), and load `resume_state` when resuming; call before train_step."""
+        writes = self.parallel.writes  # only one rank writes the run folder
+        if writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log = MetricsLog(self.run_dir, self.cfg.wandb, self.cfg.wandb_project, self.run_config,
+                               resume_state is not None) if writes else NoLog()
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+            self._log.truncate_after(self.step)
+        self._last_good = self.step if resume_state is not None else None
+        self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                         disable=not writes or not self.show_progress)
+        self._started, self._tokens_at_start = time.time(), self.tokens
+        self._autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def train_step(self, batch: torch.Tensor | None) -> bool:
+        """One optimiser step on a store batch `[B, n_hooks, d]` (None: the data ran out); False when out of data."""
+        sae, cfg, writes = self.sae, self.cfg, self.parallel.writes
+        step_tokens = self.parallel.step_tokens(0 if batch is None else len(batch))
+        if step_tokens == 0:  # out of data (on any rank)
+            return False
+        x = self.parallel.step_input(batch[:, self.hook_index].to(self.device))
+        target = None if self.target_index is None else \
+            self.parallel.step_input(batch[:, self.target_index].to(self.device))  # a transcoder's output hook
+        if self.step == 0 and cfg.b_dec_init != "zeros":  # b_dec lives in the space the SAE reconstructs
+            sae.b_dec.data.copy_(initial_b_dec(self.parallel.global_batch(x if target is None else target), cfg.b_dec_init))
+
+        dead_mask = self.tokens_since_fired >= self.dead_tokens
+        sae.set_progress(self.step / self.total_steps)
+        with self._autocast:
+            out = self.forward(x, dead_mask) if target is None else self.forward(x, dead_mask, target)
+        loss = self.parallel.mean(out.loss.detach())
+        if not torch.isfinite(loss):
+            where = f"the last good checkpoint (step {self._last_good}) is in {checkpoint_dir(self.run_dir)}" \
+                if self._last_good is not None else "no checkpoint was written yet"
+            raise UserError(
+                f"training loss became {loss.item()} at step {self.step}; {where}. "
+                f"Lower the learning rate (now {self.lr:g}, e.g. --lr {self.lr / 10:g}) and "
+                "resume with --resume, or check the activations for extreme values."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        if cfg.grad_clip:
+            self.parallel.clip_grad_norm_(sae, cfg.grad_clip)
+        factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
+        self.optimizer.step()
+        sae.normalise_decoder()
+        self._count_fired(self.parallel.any(out.fired), step_tokens)
+
+        self.step += 1
+        self.tokens += step_tokens
+        self._bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            tokens_per_s = (self.tokens - self._tokens_at_start) / max(time.time() - self._started, 1e-9)
+            self.last_metrics = self._metrics(x if target is None else target, out, factor, tokens_per_s)
+            self._log.log(self.last_metrics)
+            m = self.last_metrics
+            self._bar.set_postfix(loss=f"{m['loss']:.4f}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}",
+                                  dead=f"{m['dead_fraction']:.2f}")
+        if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
             self._record_scale()
-            save_sae(sae, self.run_dir)
-        return sae
+            state, full = self.state_dict(), self.parallel.full_sae(sae)  # latent shards are gathered to rank 0
+            if writes:
+                save_checkpoint(self.run_dir, full, state)
+            self._last_good = self.step
+        return True
+
+    def end(self) -> None:
+        """Close the bar and log; a finished run also writes the final SAE into the run folder."""
+        self._bar.close()
+        self._log.close()
+        if self.done:
+            self._record_scale()
+            full = self.parallel.full_sae(self.sae)
+            if self.parallel.writes:
+                save_sae(full, self.run_dir)
 
     def _record_scale(self) -> None:
         """Store the normalisation factor with the SAE so analysis can map raw activations in."""
         scales = getattr(self.store, "scales", None)
         if scales:
             self.sae.cfg.norm_scale = float(scales[self.store.hook_names[self.hook_index]])
+            if self.target_index is not None:
+                self.sae.cfg.norm_scale_out = float(scales[self.store.hook_names[self.target_index]])
 
     def _count_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
@@ -149,12 +201,11 @@ class Trainer:
 
     @torch.no_grad()
     def _metrics(self, x: torch.Tensor, out, lr_factor_now: float, tokens_per_s: float) -> dict:
-        x_hat = out.x_hat.float()
-        fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum().clamp_min(1e-12)
+        stats = self.parallel.step_stats(x, out)  # over the global batch when ranks share it
         metrics = {
-            "step": self.step, "tokens": self.tokens, "loss": out.loss.item(), "fvu": fvu.item(),
-            "l0": float(out.l0), "dead_fraction": (self.tokens_since_fired >= self.dead_tokens).float().mean().item(),
+            "step": self.step, "tokens": self.tokens, "loss": stats.pop("loss"), "fvu": stats.pop("fvu"),
+            "l0": stats.pop("l0"), "dead_fraction": (self.tokens_since_fired >= self.dead_tokens).float().mean().item(),
             "lr": self.lr * lr_factor_now, "tokens_per_s": tokens_per_s,
         }
-        metrics.update({k: float(v) for k, v in out.losses.items()})
+        metrics.update(stats)
         return metrics

@@ -53,7 +53,27 @@ def evaluate_run(run: str | Path, *, lm=None, model: str | None = None, dataset:
     return result
 
 
+def sae_folders(run: str | Path) -> list[Path]:
+    """The SAE folders in `run`: itself, or (a multi-hook run) each subfolder holding a cfg.json."""
+    run = Path(run)
+    if (run / "cfg.json").is_file() or not run.is_dir():
+        return [run]
+    return sorted(p for p in run.iterdir() if (p / "cfg.json").is_file()) or [run]  # none: load_sae names the problem
+
+
 def run(args: argparse.Namespace) -> dict:
-    return evaluate_run(args.run, model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
-                        split=args.split, text_field=args.text_field, data_dir=args.data_dir, tokens=args.tokens,
-                        model_batch_size=args.model_batch_size, device=args.device)
+    """Evaluate one SAE, or every SAE of a multi-hook run with one model load; returns {folder: result}
+    for several, the result itself for one."""
+    from activations.models import load_model
+    from sae.io import load_sae
+
+    folders = sae_folders(args.run)
+    lm = None
+    if len(folders) > 1:
+        device = pick_device(args.device)
+        lm = load_model(args.model or load_sae(folders[0], device="cpu").cfg.model_name, device=device)
+    results = {str(f): evaluate_run(f, lm=lm, model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
+                                    split=args.split, text_field=args.text_field, data_dir=args.data_dir,
+                                    tokens=args.tokens, model_batch_size=args.model_batch_size, device=args.device)
+               for f in folders}
+    return next(iter(results.values())) if len(results) == 1 else results

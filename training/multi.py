@@ -1,0 +1,63 @@
+"""Several dictionaries from one activation stream: one Trainer per hook, stepped on the same batches.
+
+The store yields `[batch, n_hooks, d]` from a single model forward, so every hook's SAE trains for the
+price of one pass over the model. Each trainer keeps its own SAE, optimiser, run folder, metrics and
+checkpoints. On resume the trainers may stand at different steps (a kill between two hooks'
+checkpoints): the store restarts at the position of the one furthest behind, and trainers that are
+ahead sit out the batches they have already trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from sae.base import SAE
+from training.trainer import Trainer
+
+
+def resume_point(states: list[dict]) -> dict:
+    """The checkpoint state the shared store restarts from: the one with the fewest steps."""
+    return min(states, key=lambda state: state["step"])
+
+
+class MultiTrainer:
+    """Steps `trainers` (each bound to a different hook index of `store`) on every batch of `store`."""
+
+    def __init__(self, trainers: list[Trainer], store: Iterable[torch.Tensor]):
+        self.trainers, self.store = trainers, store
+
+    def train(self, resume_states: list[dict | None] | None = None, stop_after_steps: int | None = None) -> list[SAE]:
+        """Run every trainer to its token budget (or `stop_after_steps` more batches); returns the SAEs."""
+        states = resume_states or [None] * len(self.trainers)
+        for trainer, state in zip(self.trainers, states):
+            trainer.show_progress = False
+            trainer.begin(state)
+        step = min(t.step for t in self.trainers)
+        total = max(t.total_steps for t in self.trainers)
+        writes = all(t.parallel.writes for t in self.trainers)
+        bar = tqdm(total=total, initial=step, desc=f"train {len(self.trainers)} SAEs", unit="step",
+                   dynamic_ncols=True, disable=not writes)
+        batches, steps_run = iter(self.store), 0
+        try:
+            while not all(t.done for t in self.trainers):
+                if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    break
+                batch = next(batches, None)
+                behind = [t for t in self.trainers if t.step == step and not t.done]
+                if not all([t.train_step(batch) for t in behind]):
+                    break  # out of data
+                step += 1
+                steps_run += 1
+                bar.update(1)
+                if any(t.last_metrics.get("step") == step for t in self.trainers):
+                    bar.set_postfix_str("  ".join(
+                        f"{t.store.hook_names[t.hook_index]} fvu {t.last_metrics['fvu']:.3f} l0 {t.last_metrics['l0']:.1f}"
+                        for t in self.trainers if t.last_metrics))
+        finally:
+            bar.close()
+            for trainer in self.trainers:
+                trainer.end()
+        return [t.sae for t in self.trainers]
