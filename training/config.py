@@ -10,7 +10,7 @@ class TrainConfig:
     """How long and how to optimise; architecture sizes live in SAEConfig, data in StoreConfig."""
 
     tokens: int = 250_000                 # training budget in activation tokens
-    lr: float | None = None               # None: 2e-4 / sqrt(d_sae / 16384) (Gao et al. 2024 scaling)
+    lr: float | None = None               # None: 2e-3 / sqrt(d_sae / 4096) (1/sqrt(width) as Gao et al. 2024)
     warmup_steps: int = 50
     decay_fraction: float = 0.2           # linear decay to 0 over the last fraction of steps
     adam_betas: tuple[float, float] = (0.9, 0.999)

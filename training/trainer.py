@@ -29,8 +29,9 @@ COMPILE_BACKEND = "inductor"  # torch.compile backend for Trainer(compile=True);
 
 
 def default_lr(d_sae: int) -> float:
-    """Gao et al. 2024: learning rate scaled as 1/sqrt(width), 2e-4 at 16k latents."""
-    return 2e-4 / math.sqrt(d_sae / 16384)
+    """Learning rate scaled as 1/sqrt(width) (Gao et al. 2024), 2e-3 at 4096 latents: tuned for short runs
+    (benchmarks/defaults.md); long runs on large batches do better nearer Gao et al.'s 2e-4 at 16k latents."""
+    return 2e-3 / math.sqrt(d_sae / 4096)
 
 
 class Trainer:

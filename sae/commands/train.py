@@ -65,8 +65,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=int, default=250_000, help="training budget in tokens (default 250000)")
-    g.add_argument("--batch-size", type=int, default=4096, help="tokens per training step (default 4096)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(d_sae/16384))")
+    g.add_argument("--batch-size", type=int, default=1024, help="tokens per training step (default 1024)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3/sqrt(d_sae/4096))")
     g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps, at most a tenth of the run (default 50)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
