@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import re
 import time
@@ -208,16 +209,18 @@ def run(args: argparse.Namespace) -> Path:
     if hasattr(store, "finish"):
         store.finish()  # layer split: keep serving the ranks still training
     elapsed = time.time() - started
+    tokens = trainers[0].tokens
+    # DDP's reducer holds the process group: free it while every rank is still here (freed after the group is
+    # gone, its gloo threads can wait forever for a peer that has exited).
+    del trainers, parallel
+    gc.collect()
     barrier()
     teardown()  # the evaluation below runs on rank 0 alone
     if not ranks.is_main:
         return out
-    tokens = trainers[0].tokens
     print(f"trained {tokens} tokens in {elapsed:.0f} s ({tokens / max(elapsed, 1e-9):.0f} tokens/s); "
           f"SAE{'s' if len(hooks) > 1 else ''} saved in {out}")
-    if hook_out and not opts["no_eval"]:
-        print("evaluation of transcoders is not implemented yet; skipped (the trained transcoder is saved)")
-    elif not opts["no_eval"]:
+    if not opts["no_eval"]:
         from sae.commands.evaluate import evaluate_run
         for folder in folders.values():
             evaluate_run(folder, lm=lm, model=about["model_name"] if lm is None else None, device=device, split="test",
