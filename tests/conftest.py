@@ -70,3 +70,12 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama) -> str:
     tiny_llama.model.save_pretrained(path)
     tiny_llama.tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a busy 2-core box: one intra-op thread is faster and stable (opt in per module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ from sae.registry import ARCHITECTURES, make_sae
 D_IN, N_TRUE, N_ACTIVE, D_SAE, BATCH = 32, 64, 3, 128, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a busy 2-core box: one intra-op thread is faster and stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def unit_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:

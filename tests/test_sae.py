@@ -23,13 +23,7 @@ from sae.topk import TopKSAE
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is faster and stable on a busy 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def small_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0, **kw) -> SAE:
