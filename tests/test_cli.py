@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -137,15 +136,15 @@ def test_eval_errors_missing_corrupt_and_mismatched_sae(tiny_llama_dir, tmp_path
 def test_killed_training_process_resumes(tiny_llama_dir, tmp_path):
     """A real `sae train` process is SIGKILLed after its first checkpoint; --resume finishes the run."""
     run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "sae", "train", "--model", tiny_llama_dir, *SMALL, "--tokens", "40960",
-            "--checkpoint-every", "5", "--no-eval", "--out", str(run)]
+    argv = [sys.executable, "-m", "sae", "train", "--model", tiny_llama_dir, *SMALL, "--tokens", "122880",
+            "--checkpoint-every", "5", "--no-eval", "--out", str(run)]   # 240 steps: still running when killed
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     state = run / "checkpoint" / "trainer_state.pt"
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(0.5)
+    time.sleep(0.2)
     assert proc.poll() is None, "training finished before it could be killed; raise --tokens"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -157,5 +156,5 @@ def test_killed_training_process_resumes(tiny_llama_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming {run} from step {done}" in result.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 80
+    assert steps == sorted(set(steps)) and steps[-1] == 240
     assert (run / "sae_weights.safetensors").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from analysis.detectors import probes
-from analysis.detectors.base import DetectorResult, Subject, contrast, masked_contrast, zero_result
+from analysis.detectors.base import DetectorResult, Subject, contrast, masked_contrast
 
 DUP_ROWS, DUP_LENGTH = 16, 64
 REP_ROWS, REP_HALF = 12, 24

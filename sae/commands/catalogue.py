@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from activations.errors import UserError
-from sae.commands.common import pick_device
+from sae.commands.common import open_sae
 
 HELP = "list known transformer mechanisms, or count a run's features tagged with each"
 DESCRIPTION = ("Without RUN: the mechanism catalogue (from Ferrando et al. 2024, 'A Primer on the Inner Workings of "
@@ -56,20 +56,13 @@ def detect_run(folder: Path, *, lm=None, model: str | None = None, dataset: str 
                catalogue: str | None = None, progress: bool = True, save_to: Path | None = None):
     """Run the detectors on the SAE in `folder` and store the tags in `save_to`/features (default
     `folder`); returns the CatalogueResult."""
-    from activations.models import load_model
     from activations.sources import open_text_source
     from analysis.catalogue import CatalogueConfig, held_out_text, sae_subject, tag_features, load_catalogue
-    from sae.io import load_sae
 
     cat = load_catalogue(catalogue)
     for m in only or []:
         cat[m]  # UserError naming the valid ids
-    if lm is None:
-        device = pick_device(device)
-        sae = load_sae(folder, device=device)
-        lm = load_model(model or sae.cfg.model_name, device=device)
-    else:
-        sae = load_sae(folder, device=str(lm.device))
+    sae, lm = open_sae(folder, lm=lm, model=model, device=device)
     cfg = CatalogueConfig(text_tokens=tokens, mechanisms=only)
     dataset = dataset or sae.cfg.dataset or "wikitext-2"
     source = open_text_source(dataset, split=split, data_dir=data_dir)

@@ -1,4 +1,4 @@
-"""Small helpers the subcommands share: device choice and the held-out text source."""
+"""Small helpers the subcommands share: device choice, model dtype, and opening a trained SAE with its model."""
 
 from __future__ import annotations
 
@@ -17,3 +17,16 @@ def pick_device(name: str) -> str:
 
 def model_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
+
+
+def open_sae(folder, lm=None, model: str | None = None, device: str = "auto"):
+    """The SAE in `folder` and the model to run it with: `lm` when given (the SAE goes to its device), else
+    `model`, else the model the SAE was trained on (the embedded default when cfg.json names none)."""
+    from activations.models import load_model
+    from sae.io import load_sae
+
+    if lm is not None:
+        return load_sae(folder, device=str(lm.device)), lm
+    device = pick_device(device)
+    sae = load_sae(folder, device=device)
+    return sae, load_model(model or sae.cfg.model_name or "smollm2-135m", device=device)

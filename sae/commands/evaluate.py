@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sae.commands.common import pick_device
+from sae.commands.common import open_sae
 
 HELP = "evaluate a trained SAE on held-out text (writes RUN/eval.json)"
 DESCRIPTION = "Reconstruction (FVU, L0, dead latents) and spliced-in next-token loss on held-out text."
@@ -30,18 +30,11 @@ def evaluate_run(run: str | Path, *, lm=None, model: str | None = None, dataset:
                  dataset_config: str | None = None, split: str = "test", text_field: str | None = None,
                  data_dir: str | None = None, tokens: int = 16384, model_batch_size: int = 8, device: str = "auto") -> dict:
     """Evaluate the SAE in `run`; prints a summary and writes eval.json next to it."""
-    from activations.models import load_model
     from activations.sources import open_text_source
     from analysis.evaluate import EvalConfig, evaluate
-    from sae.io import load_sae
 
     run = Path(run)
-    if lm is None:
-        device = pick_device(device)
-        sae = load_sae(run, device=device)
-        lm = load_model(model or sae.cfg.model_name, device=device)
-    else:
-        sae = load_sae(run, device=str(lm.device))
+    sae, lm = open_sae(run, lm=lm, model=model, device=device)
     dataset = dataset or sae.cfg.dataset or "wikitext-2"
     source = open_text_source(dataset, split=split, config=dataset_config, text_field=text_field, data_dir=data_dir)
     result = evaluate(sae, lm, source, EvalConfig(tokens=tokens, model_batch_size=model_batch_size)).to_dict()
@@ -64,14 +57,8 @@ def sae_folders(run: str | Path) -> list[Path]:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate one SAE, or every SAE of a multi-hook run with one model load; returns {folder: result}
     for several, the result itself for one."""
-    from activations.models import load_model
-    from sae.io import load_sae
-
     folders = sae_folders(args.run)
-    lm = None
-    if len(folders) > 1:
-        device = pick_device(args.device)
-        lm = load_model(args.model or load_sae(folders[0], device="cpu").cfg.model_name, device=device)
+    lm = open_sae(folders[0], model=args.model, device=args.device)[1] if len(folders) > 1 else None
     results = {str(f): evaluate_run(f, lm=lm, model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
                                     split=args.split, text_field=args.text_field, data_dir=args.data_dir,
                                     tokens=args.tokens, model_batch_size=args.model_batch_size, device=args.device)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from sae.commands.common import pick_device
+from sae.commands.common import open_sae
 
 HELP = "find what each feature does (writes RUN/features, RUN/plots and RUN/dashboard/index.html)"
 DESCRIPTION = ("Read held-out text once (two passes) to get every feature's density, histogram, top and sampled "
@@ -52,22 +52,19 @@ def inspect_run(run: str | Path, out: str | Path | None = None, *, lm=None, mode
                 mechanisms: bool = True, mechanism_tokens: int = 4096) -> Path:
     """Compute (or reload) feature data for the SAE in `run`, write plots and dashboard under `out`; returns index.html."""
     from activations.errors import UserError
-    from activations.models import load_model
     from activations.sources import open_text_source
     from analysis.dashboard import load_tags, write_dashboard
     from analysis.feature_stats import FeatureStats, StatsConfig, feature_stats
     from analysis.logits import TopLogits, top_logits
     from analysis.plots import density_histogram, training_curves
-    from sae.io import load_sae
 
     run = Path(run)
     out = Path(out) if out else run
     features_dir = out / "features"
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}.")
-    device = pick_device(device) if lm is None else str(lm.device)
-    sae = load_sae(run, device=device)
-    lm = lm or load_model(model or sae.cfg.model_name or "smollm2-135m", device=device)
+    sae, lm = open_sae(run, lm=lm, model=model, device=device)
+    device = str(lm.device)
     started = time.time()
     dataset = dataset or sae.cfg.dataset or "wikitext-2"
     if dashboard_only:

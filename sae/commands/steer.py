@@ -7,7 +7,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from sae.commands.common import pick_device
+from sae.commands.common import open_sae
 
 HELP = "generate with features turned up (or clamped), next to the unsteered text"
 DESCRIPTION = ("Add strength × the decoder direction of each --feature at the SAE's hook (or clamp the feature to "
@@ -67,14 +67,10 @@ def held_out_prompts(dataset: str, n: int, lm, data_dir: str | None = None, toke
 
 
 def run(args: argparse.Namespace) -> dict:
-    from activations.models import load_model
     from analysis.logits import feature_logit_weights
     from analysis.steering import generate, measure_effect, steering
-    from sae.io import load_sae
 
-    device = pick_device(args.device)
-    sae = load_sae(args.run, device=device)
-    lm = load_model(args.model or sae.cfg.model_name or "smollm2-135m", device=device)
+    sae, lm = open_sae(args.run, model=args.model, device=args.device)
     features = args.feature
     mode = f"clamped to {args.strength:g}" if args.clamp else f"{args.strength:+g} × decoder direction"
     print(f"steering {lm.name} at {sae.cfg.hook_name}: feature{'s' if len(features) > 1 else ''} "
