@@ -194,11 +194,11 @@ class Trainer:
                 self.sae.cfg.norm_scale_out = float(scales[self.store.hook_names[self.target_index]])
 
     def _count_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired += n_tokens   # masked_fill_/index_fill_: no host sync (a boolean index waits for the GPU)
         if fired.dtype == torch.bool:
-            self.tokens_since_fired[fired] = 0
+            self.tokens_since_fired.masked_fill_(fired, 0)
         else:
-            self.tokens_since_fired[fired.flatten()] = 0
+            self.tokens_since_fired.index_fill_(0, fired.flatten(), 0)
 
     @torch.no_grad()
     def _metrics(self, x: torch.Tensor, out, lr_factor_now: float, tokens_per_s: float) -> dict:
