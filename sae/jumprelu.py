@@ -25,6 +25,15 @@ def _window(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return ((z - threshold).abs() < bandwidth / 2).to(z.dtype) / bandwidth
 
 
+def _save(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Save what the straight-through backward needs; returns relu(theta) in z's dtype (forward only)."""
+    ctx.theta_dtype = threshold.dtype
+    threshold = threshold.relu().to(z.dtype)
+    ctx.save_for_backward(z, threshold)
+    ctx.bandwidth = bandwidth
+    return threshold
+
+
 class JumpReLU(torch.autograd.Function):
     """z * 1[z > relu(theta)]; dz = 1[z > theta], dtheta = -(theta / eps) K((z - theta) / eps).
 
@@ -34,10 +43,7 @@ class JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.theta_dtype = threshold.dtype
-        threshold = threshold.relu().to(z.dtype)
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
+        threshold = _save(ctx, z, threshold, bandwidth)
         return z * (z > threshold).to(z.dtype)
 
     @staticmethod
@@ -53,10 +59,7 @@ class Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.theta_dtype = threshold.dtype
-        threshold = threshold.relu().to(z.dtype)
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
+        threshold = _save(ctx, z, threshold, bandwidth)
         return (z > threshold).to(z.dtype)
 
     @staticmethod
