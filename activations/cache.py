@@ -16,10 +16,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,7 +26,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from activations.errors import UserError
+from activations.files import atomic_write, atomic_write_json
 from activations.models import LoadedModel
+from activations.options import check_fields, option
 from activations.shuffle import ShuffledActivations, resume_generator
 from activations.sources import Document
 from activations.store import ActivationStore, StoreConfig
@@ -49,31 +50,32 @@ def _rebuild_hint(folder: Path, name: str) -> str:
 
 # ---- the manifest ---------------------------------------------------------------------------
 
+
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a cache folder, or a UserError saying what is wrong with the folder."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise UserError(f"{folder} is not an activation cache ({MANIFEST} missing); "
-                        f"create one with `sae cache --out {folder}` or check the path.")
+        raise UserError(
+            f"{folder} is not an activation cache ({MANIFEST} missing); "
+            f"create one with `sae cache --out {folder}` or check the path."
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); delete the folder and re-run `sae cache --out {folder}`.") from None
+        raise UserError(
+            f"{path} is not valid JSON ({err}); delete the folder and re-run `sae cache --out {folder}`."
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a saelab activation-cache manifest; point --activations at a folder written by `sae cache`.")
+        raise UserError(
+            f"{path} is not a saelab activation-cache manifest; point --activations at a folder written by `sae cache`."
+        )
     if manifest.get("version") != VERSION:
-        raise UserError(f"{path} has cache format version {manifest.get('version')}, this saelab reads version {VERSION}; "
-                        "rebuild the cache with this version of `sae cache`.")
+        raise UserError(
+            f"{path} has cache format version {manifest.get('version')}, this saelab reads version {VERSION}; "
+            "rebuild the cache with this version of `sae cache`."
+        )
     return manifest
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -91,22 +93,32 @@ def check_shard(folder: Path, entry: dict, full: bool = False) -> None:
         raise UserError(f"cache shard {path} is missing; re-run `sae cache --out {folder}` to rebuild it.")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise UserError(f"cache shard {path} is truncated or corrupt ({size} bytes, the manifest says {entry['bytes']}); "
-                        f"{_rebuild_hint(folder, entry['file'])}.")
+        raise UserError(
+            f"cache shard {path} is truncated or corrupt ({size} bytes, the manifest says {entry['bytes']}); "
+            f"{_rebuild_hint(folder, entry['file'])}."
+        )
     if full and _sha256(path) != entry["sha256"]:
-        raise UserError(f"cache shard {path} is corrupt (its sha256 does not match the manifest); "
-                        f"{_rebuild_hint(folder, entry['file'])}.")
+        raise UserError(
+            f"cache shard {path} is corrupt (its sha256 does not match the manifest); "
+            f"{_rebuild_hint(folder, entry['file'])}."
+        )
 
 
 # ---- writing --------------------------------------------------------------------------------
+
 
 @dataclass
 class CacheConfig:
     """What `write_cache` stores: how many tokens, in shards of how many, in which dtype."""
 
-    tokens: int
-    shard_tokens: int = 32768
-    dtype: str = "float32"   # or "bfloat16" (half the disk, ~3 significant digits)
+    tokens: int = option(250_000, "activation tokens to store", low=1)
+    shard_tokens: int = option(32768, "activation tokens per shard file", low=1)
+    dtype: str = option(
+        "float32", "stored dtype (bfloat16 halves the disk, ~3 significant digits)", choices=tuple(CACHE_DTYPES)
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class _Accumulator:
@@ -146,17 +158,19 @@ class _Accumulator:
 def _save_shard(folder: Path, index: int, acc: _Accumulator, first_context: int, dtype: torch.dtype) -> dict:
     """Write one shard atomically (temp file, then rename); returns its manifest entry."""
     name = shard_name(index)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> dict:
         save_file(acc.tensors(dtype), tmp, metadata={"format": "pt"})  # one key: a deterministic header
-        entry = {"file": name, "tokens": acc.n_rows, "contexts": acc.n_contexts, "first_context": first_context,
-                 "bytes": os.path.getsize(tmp), "sha256": _sha256(Path(tmp))}
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return entry
+        return {
+            "file": name,
+            "tokens": acc.n_rows,
+            "contexts": acc.n_contexts,
+            "first_context": first_context,
+            "bytes": tmp.stat().st_size,
+            "sha256": _sha256(tmp),
+        }
+
+    return atomic_write(folder / name, write)
 
 
 def _norm_sums(acts: torch.Tensor) -> list[float]:
@@ -175,8 +189,14 @@ def _update_totals(manifest: dict) -> None:
     }
 
 
-def write_cache(lm: LoadedModel, source: Iterable[Document], store_cfg: StoreConfig, folder: str | os.PathLike,
-                cfg: CacheConfig, info: dict | None = None) -> dict:
+def write_cache(
+    lm: LoadedModel,
+    source: Iterable[Document],
+    store_cfg: StoreConfig,
+    folder: str | os.PathLike,
+    cfg: CacheConfig,
+    info: dict | None = None,
+) -> dict:
     """Run the model over `source` and write (or finish) the cache in `folder`; returns the manifest.
 
     An existing manifest is resumed: shards it lists that are missing or the wrong size are
@@ -189,24 +209,35 @@ def write_cache(lm: LoadedModel, source: Iterable[Document], store_cfg: StoreCon
         raise UserError(f"unknown cache dtype {cfg.dtype!r}; use one of {', '.join(CACHE_DTYPES)}.")
     if cfg.shard_tokens < 1 or cfg.tokens < 1:
         raise UserError(f"--tokens and --shard-tokens must be positive, got {cfg.tokens} and {cfg.shard_tokens}.")
-    for leftover in folder.glob(".shard-*.tmp"):   # a shard being written when the last run was killed
+    for leftover in folder.glob(".shard-*.tmp"):  # a shard being written when the last run was killed
         leftover.unlink()
     store_cfg = StoreConfig(**{**store_cfg.__dict__, "normalise": False, "epochs": 1})
     if (folder / MANIFEST).exists():
         manifest = read_manifest(folder)
         if manifest["hooks"] != list(store_cfg.hooks) or manifest["d_model"] != lm.d_model:
-            raise UserError(f"{folder} caches {', '.join(manifest['hooks'])} of a d_model={manifest['d_model']} model; "
-                            "resume it with the same model and hooks, or choose another folder.")
+            raise UserError(
+                f"{folder} caches {', '.join(manifest['hooks'])} of a d_model={manifest['d_model']} model; "
+                "resume it with the same model and hooks, or choose another folder."
+            )
         manifest["tokens_target"] = cfg.tokens
     else:
         manifest = {
-            "format": FORMAT, "version": VERSION, "model": lm.name, "d_model": lm.d_model,
-            "hooks": list(store_cfg.hooks), "dtype": cfg.dtype, "context_size": store_cfg.context_size,
+            "format": FORMAT,
+            "version": VERSION,
+            "model": lm.name,
+            "d_model": lm.d_model,
+            "hooks": list(store_cfg.hooks),
+            "dtype": cfg.dtype,
+            "context_size": store_cfg.context_size,
             "model_batch_size": store_cfg.model_batch_size,
             "prepend_bos": model_wants_bos(lm.tokenizer) if store_cfg.prepend_bos is None else store_cfg.prepend_bos,
-            "skip_special": store_cfg.skip_special, "skip_first": store_cfg.skip_first,
-            "tokens_target": cfg.tokens, "shard_tokens": cfg.shard_tokens, **(info or {}),
-            "shards": [], "complete": False,
+            "skip_special": store_cfg.skip_special,
+            "skip_first": store_cfg.skip_first,
+            "tokens_target": cfg.tokens,
+            "shard_tokens": cfg.shard_tokens,
+            **(info or {}),
+            "shards": [],
+            "complete": False,
         }
     dtype = CACHE_DTYPES[manifest["dtype"]]
     # A resumed cache cuts and keeps tokens exactly as it did (shards end on the same batch boundaries).
@@ -217,16 +248,18 @@ def write_cache(lm: LoadedModel, source: Iterable[Document], store_cfg: StoreCon
         entry = _save_shard(folder, index, acc, first_context, dtype)
         entry["norm_sums"] = norm_sums
         shards = manifest["shards"]
-        shards[index:index + 1] = [entry]
+        shards[index : index + 1] = [entry]
         _update_totals(manifest)
-        _write_json_atomic(folder / MANIFEST, manifest)
+        atomic_write_json(folder / MANIFEST, manifest)
 
     # 1. Rebuild any listed shard that is missing or has the wrong size (deleted by the user after a failed check).
     for index, entry in enumerate(list(manifest["shards"])):
         path = folder / entry["file"]
         if path.is_file() and path.stat().st_size == entry["bytes"]:
             continue
-        print(f"rebuilding {path} (contexts {entry['first_context']}..{entry['first_context'] + entry['contexts'] - 1})")
+        print(
+            f"rebuilding {path} (contexts {entry['first_context']}..{entry['first_context'] + entry['contexts'] - 1})"
+        )
         store = ActivationStore(lm, source, store_cfg, skip_contexts=entry["first_context"])
         acc, sums = _Accumulator(), [0.0] * len(manifest["hooks"])
         for acts, batch, keep in store.raw_batches():
@@ -235,8 +268,10 @@ def write_cache(lm: LoadedModel, source: Iterable[Document], store_cfg: StoreCon
             if acc.n_contexts >= entry["contexts"]:
                 break
         if acc.n_contexts != entry["contexts"]:
-            raise UserError(f"could not rebuild {path}: the text gave {acc.n_contexts} contexts where the shard had "
-                            f"{entry['contexts']}; re-run with the same --dataset and options, or delete {folder} and start again.")
+            raise UserError(
+                f"could not rebuild {path}: the text gave {acc.n_contexts} contexts where the shard had "
+                f"{entry['contexts']}; re-run with the same --dataset and options, or delete {folder} and start again."
+            )
         save(index, acc, entry["first_context"], sums)
 
     # 2. Append shards until the token target is reached or the text runs out.
@@ -264,15 +299,18 @@ def write_cache(lm: LoadedModel, source: Iterable[Document], store_cfg: StoreCon
         finally:
             bar.close()
         if manifest["tokens"] < cfg.tokens:
-            print(f"the text ran out after {manifest['tokens']} tokens (asked for {cfg.tokens}); the cache holds them all")
+            print(
+                f"the text ran out after {manifest['tokens']} tokens (asked for {cfg.tokens}); the cache holds them all"
+            )
     if manifest["tokens"] == 0:
         raise UserError("the text source gave no activations to cache; give a larger --dataset/--split.")
     manifest["complete"] = True
-    _write_json_atomic(folder / MANIFEST, manifest)
+    atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
 
 # ---- reading --------------------------------------------------------------------------------
+
 
 class CachedActivationSource(ShuffledActivations):
     """Shuffled batches `[batch_size, n_hooks, d]` from a cache folder, like `ActivationStore` from a model.
@@ -284,19 +322,29 @@ class CachedActivationSource(ShuffledActivations):
     its model-side fields are ignored (the manifest fixes them).
     """
 
-    def __init__(self, folder: str | os.PathLike, cfg: StoreConfig, scales: dict[str, float] | None = None,
-                 skip_contexts: int = 0, verify: bool = True):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        cfg: StoreConfig,
+        scales: dict[str, float] | None = None,
+        skip_contexts: int = 0,
+        verify: bool = True,
+    ):
         self.folder, self.cfg = Path(folder), cfg
         self.manifest = read_manifest(self.folder)
         if not self.manifest.get("complete"):
-            raise UserError(f"activation cache {self.folder} is incomplete ({self.manifest.get('tokens', 0)} of "
-                            f"{self.manifest.get('tokens_target')} tokens); finish it with `sae cache --out {self.folder}`.")
+            raise UserError(
+                f"activation cache {self.folder} is incomplete ({self.manifest.get('tokens', 0)} of "
+                f"{self.manifest.get('tokens_target')} tokens); finish it with `sae cache --out {self.folder}`."
+            )
         cached = self.manifest["hooks"]
         hooks = list(cfg.hooks) or list(cached)
         missing = [h for h in hooks if h not in cached]
         if missing:
-            raise UserError(f"activation cache {self.folder} has no hook {', '.join(missing)}; it holds {', '.join(cached)}. "
-                            "Train on one of those, or build a cache with that hook (sae cache --hooks ...).")
+            raise UserError(
+                f"activation cache {self.folder} has no hook {', '.join(missing)}; it holds {', '.join(cached)}. "
+                "Train on one of those, or build a cache with that hook (sae cache --hooks ...)."
+            )
         self._hooks = hooks
         self._hook_index = [cached.index(h) for h in hooks]
         for entry in self.manifest["shards"]:
@@ -329,7 +377,9 @@ class CachedActivationSource(ShuffledActivations):
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as err:
-            raise UserError(f"cache shard {path} cannot be read ({err}); {_rebuild_hint(self.folder, entry['file'])}.") from None
+            raise UserError(
+                f"cache shard {path} cannot be read ({err}); {_rebuild_hint(self.folder, entry['file'])}."
+            ) from None
 
     def raw_activations(self) -> Iterator[torch.Tensor]:
         """Unshuffled raw activations `[n, n_hooks, d]` float32, one model batch of contexts per chunk."""
@@ -345,8 +395,10 @@ class CachedActivationSource(ShuffledActivations):
                 skip = 0
             self.epoch += 1
             if self.cfg.epochs is None or self.epoch < self.cfg.epochs:
-                tqdm.write(f"activation cache used up after {self.manifest['contexts']} contexts; "
-                           f"starting pass {self.epoch + 1} over it")
+                tqdm.write(
+                    f"activation cache used up after {self.manifest['contexts']} contexts; "
+                    f"starting pass {self.epoch + 1} over it"
+                )
 
     def _shard_chunks(self, entry: dict, skip: int, group: int) -> Iterator[torch.Tensor]:
         """The rows of one shard from context `first_context + skip` on, one model batch at a time.
@@ -369,5 +421,7 @@ class CachedActivationSource(ShuffledActivations):
                     if hi > lo:
                         yield acts[lo:hi][:, self._hook_index].to(self.cfg.device, torch.float32)
         except SafetensorError as err:
-            raise UserError(f"cache shard {self.folder / entry['file']} cannot be read ({err}); "
-                            f"{_rebuild_hint(self.folder, entry['file'])}.") from None
+            raise UserError(
+                f"cache shard {self.folder / entry['file']} cannot be read ({err}); "
+                f"{_rebuild_hint(self.folder, entry['file'])}."
+            ) from None

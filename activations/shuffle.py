@@ -9,7 +9,7 @@ cache replayed in the order it was written gives exactly the batches the live st
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed
@@ -54,6 +54,11 @@ class ShuffledActivations:
     def hook_names(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch handed out (cfg.batch_size), as training.data.ActivationBatches declares."""
+        return self.cfg.batch_size
+
     def raw_activations(self) -> Iterator[torch.Tensor]:
         raise NotImplementedError
 
@@ -73,14 +78,15 @@ class ShuffledActivations:
                         exhausted = True
                         break
                 take = min(capacity - n, len(pending))
-                buffer[n:n + take] = pending[:take]
+                buffer[n : n + take] = pending[:take]
                 n += take
                 pending = pending[take:] if take < len(pending) else None
             if n == 0:
                 return
             if cfg.normalise and self.scales is None:
-                self.scales = estimate_scales(buffer[:n], self.hook_names,
-                                              across_ranks=getattr(cfg, "world_size", 1) > 1)
+                self.scales = estimate_scales(
+                    buffer[:n], self.hook_names, across_ranks=getattr(cfg, "world_size", 1) > 1
+                )
             perm = torch.randperm(n, generator=self._generator).to(cfg.device)
             buffer[:n] = buffer[perm]
             # Emit half the buffer, keep the rest to mix with the next fill (all of it at the end).
@@ -88,12 +94,12 @@ class ShuffledActivations:
             emit -= emit % cfg.batch_size if not exhausted else 0
             scale = self._scale_tensor()
             for start in range(0, emit, cfg.batch_size):
-                out = buffer[start:min(start + cfg.batch_size, emit)] * scale
+                out = buffer[start : min(start + cfg.batch_size, emit)] * scale
                 self.tokens_emitted += len(out)
                 yield out
             if exhausted:
                 return
-            buffer[:n - emit] = buffer[emit:n].clone()
+            buffer[: n - emit] = buffer[emit:n].clone()
             n -= emit
 
     def _scale_tensor(self) -> torch.Tensor:

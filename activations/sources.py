@@ -30,7 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT_HUB_NAME = "Salesforce/wikitext"
 WIKITEXT_HUB_CONFIG = "wikitext-2-raw-v1"
 WIKITEXT_FILES = ("train.txt", "valid.txt", "test.txt")
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "test": "test",
+}
 
 TINYSHAKESPEARE_TRAIN_FRACTION = 0.9
 # A .txt file up to this size is one document; a larger one is split on blank lines and streamed.
@@ -169,7 +175,8 @@ def _open_wikitext_local(folder: Path, split: str) -> TextSource:
     if split == "train" and not path.is_file() and (folder / "valid.txt").is_file():
         path = folder / "valid.txt"
         warnings.warn(
-            f"wikitext-2 has no train.txt in {folder}: the train split uses valid.txt; test.txt stays held out for evaluation.",
+            f"wikitext-2 has no train.txt in {folder}: the train split uses valid.txt; "
+            "test.txt stays held out for evaluation.",
             UserWarning,
             stacklevel=4,
         )
@@ -284,8 +291,13 @@ def _open_local(spec: str, path: Path, text_field: str) -> TextSource:
     """A local file, or every supported file under a folder (recursively, sorted, hidden ones skipped)."""
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_EXTENSIONS
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            (
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in LOCAL_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
@@ -329,7 +341,9 @@ def _read_lines(path: Path) -> Iterator[str]:
             "Convert it to UTF-8 or remove it."
         ) from error
     except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}. Check that it exists and is readable.") from error
+        raise UserError(
+            f"cannot read {path}: {error.strerror or error}. Check that it exists and is readable."
+        ) from error
 
 
 def _read_txt(path: Path) -> Iterator[tuple[str, str | None]]:
@@ -413,7 +427,9 @@ def _check_text(value: object, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}: the text field holds {type(value).__name__}, not a string. Point text_field at a text field.")
+        raise UserError(
+            f"{where}: the text field holds {type(value).__name__}, not a string. Point text_field at a text field."
+        )
     return value
 
 
@@ -425,7 +441,9 @@ def _open_hub(spec: str, split: str, config: str | None, text_field: str) -> Tex
     """A hub dataset opened with ``streaming=True``; any failure to open it becomes one UserError."""
     name, _, spec_config = spec.partition(":")
     if spec_config and config and spec_config != config:
-        raise UserError(f"dataset '{spec}' names config '{spec_config}' but config='{config}' was also given. Give one.")
+        raise UserError(
+            f"dataset '{spec}' names config '{spec_config}' but config='{config}' was also given. Give one."
+        )
     config = config or spec_config or None
     label = f"{name}:{config}" if config else name
     try:

@@ -7,12 +7,12 @@ out as `[batch, n_hooks, d_model]` tensors. The model runs only up to the deepes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from activations.config import StoreConfig
 from activations.errors import UserError
 from activations.hookpoints import HookPoint, parse_hook, run_with_cache
 from activations.models import LoadedModel
@@ -21,37 +21,22 @@ from activations.sources import Document
 from activations.tokens import ContextBatch, batch_contexts, pack_contexts, special_token_mask
 
 
-@dataclass
-class StoreConfig:
-    """How activations are produced, mixed and scaled."""
-
-    hooks: list[str]
-    context_size: int = 128
-    model_batch_size: int = 8          # contexts per model forward
-    batch_size: int = 4096             # tokens per batch handed to the trainer
-    buffer_tokens: int = 65536         # shuffle buffer; memory = buffer × hooks × d_model × 4 bytes
-    normalise: bool = True             # scale so the mean activation norm is sqrt(d_model)
-    skip_special: bool = True          # drop BOS/EOS/pad positions
-    skip_first: bool = True            # drop each context's first position (an attention sink, norm ~100× the rest)
-    prepend_bos: bool | None = None    # None: as the tokenizer expects
-    seed: int = 0
-    device: str = "cpu"                # where batches are delivered (and the buffer lives)
-    epochs: int | None = None          # passes over the text; None loops until the consumer stops
-    rank: int = 0                      # data-parallel ranks: this one runs model batches rank, rank + world_size, ...
-    world_size: int = 1                #   of the shared stream (and all of them agree on the normalisation scale)
-    extra: dict = field(default_factory=dict)
-
-
 class ActivationStore(ShuffledActivations):
     """Iterate to get shuffled, normalised activation batches `[batch_size, n_hooks, d_model]`."""
 
-    def __init__(self, lm: LoadedModel, source: Iterable[Document], cfg: StoreConfig,
-                 scales: dict[str, float] | None = None, skip_contexts: int = 0):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        source: Iterable[Document],
+        cfg: StoreConfig,
+        scales: dict[str, float] | None = None,
+        skip_contexts: int = 0,
+    ):
         self.lm, self.source, self.cfg = lm, source, cfg
         self.hook_points: list[HookPoint] = [parse_hook(h, lm.model) for h in cfg.hooks]
         self.d_in = lm.d_model
         self.scales: dict[str, float] | None = dict(scales) if scales else None
-        self.contexts_consumed = skip_contexts   # contexts already run through the model (resume point)
+        self.contexts_consumed = skip_contexts  # contexts already run through the model (resume point)
         self.tokens_emitted = 0
         self.epoch = 0
         self._generator = resume_generator(cfg.seed, skip_contexts)

@@ -68,9 +68,13 @@ def pack_contexts(
         prepend_bos = model_wants_bos(tokenizer)
     bos = tokenizer.bos_token_id if prepend_bos else None
     if prepend_bos and bos is None:
-        warnings.warn("prepend_bos was asked for but the tokenizer has no BOS token; contexts start without one.")
+        warnings.warn(
+            "prepend_bos was asked for but the tokenizer has no BOS token; contexts start without one.", stacklevel=2
+        )
     if bos is not None and context_size < 2:
-        raise UserError(f"context size {context_size} leaves no room after the BOS token. Use a context size of 2 or more.")
+        raise UserError(
+            f"context size {context_size} leaves no room after the BOS token. Use a context size of 2 or more."
+        )
     return _pack(docs, tokenizer, context_size, bos)
 
 

@@ -10,14 +10,23 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import yaml
 
+from activations.config import HeldOutText
 from activations.errors import UserError
+from activations.files import atomic_write_json
+from activations.hookpoints import n_layers, parse_hook, run_with_cache
+from activations.sources import open_text_source
+from activations.tokens import pack_contexts
+from analysis.detectors import DETECTORS, Subject, detect
+from analysis.heldout import check_sae_fits
+from analysis.logits import unembedding
+from sae.io import load_sae
 
 CATALOGUE = Path(__file__).with_name("mechanisms.yaml")
 TAGS_FILE = Path("features") / "mechanisms.json"
@@ -63,11 +72,11 @@ def load_catalogue(path: str | os.PathLike | None = None) -> Catalogue:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> Catalogue:
-    from analysis.detectors import DETECTORS
-
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"mechanism catalogue {p} does not exist; reinstall saelab or give the path of a catalogue file.")
+        raise UserError(
+            f"mechanism catalogue {p} does not exist; reinstall saelab or give the path of a catalogue file."
+        )
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -80,13 +89,24 @@ def _load(path: str) -> Catalogue:
         if missing:
             raise UserError(f"mechanism catalogue {p}: entry {i + 1} lacks {', '.join(missing)}; add them.")
         if entry["detector"] not in DETECTORS:
-            raise UserError(f"mechanism catalogue {p}: entry '{entry['id']}' names detector '{entry['detector']}', "
-                            f"which does not exist; use one of {', '.join(DETECTORS)}.")
+            raise UserError(
+                f"mechanism catalogue {p}: entry '{entry['id']}' names detector '{entry['detector']}', "
+                f"which does not exist; use one of {', '.join(DETECTORS)}."
+            )
         if not 0 <= float(entry["threshold"]) <= 1:
-            raise UserError(f"mechanism catalogue {p}: entry '{entry['id']}' has threshold {entry['threshold']}; "
-                            "scores lie in [0, 1], so use a threshold in [0, 1].")
-        mechanisms.append(Mechanism(**{**{k: entry[k] for k in _REQUIRED}, "papers": tuple(entry["papers"]),
-                                       "threshold": float(entry["threshold"])}))
+            raise UserError(
+                f"mechanism catalogue {p}: entry '{entry['id']}' has threshold {entry['threshold']}; "
+                "scores lie in [0, 1], so use a threshold in [0, 1]."
+            )
+        mechanisms.append(
+            Mechanism(
+                **{
+                    **{k: entry[k] for k in _REQUIRED},
+                    "papers": tuple(entry["papers"]),
+                    "threshold": float(entry["threshold"]),
+                }
+            )
+        )
     ids = [m.id for m in mechanisms]
     if len(set(ids)) != len(ids):
         raise UserError(f"mechanism catalogue {p} repeats an id; every mechanism id must be unique.")
@@ -95,24 +115,24 @@ def _load(path: str) -> Catalogue:
 
 # ---- an SAE as a detector subject ----------------------------------------------------------------
 
+
 @dataclass
 class CatalogueConfig:
     """How much held-out text the detectors read, and which mechanisms to test."""
 
-    text_tokens: int = 4096          # held-out text for token statistics (whole contexts)
+    text_tokens: int = 4096  # held-out text for token statistics (whole contexts)
     context_size: int | None = None  # None: the SAE's training context size
-    resid_positions: int = 256       # sampled final residuals for the entropy evidence
+    resid_positions: int = 256  # sampled final residuals for the entropy evidence
     batch_tokens: int = 2048
-    mechanisms: list[str] | None = None   # None: all
+    mechanisms: list[str] | None = None  # None: all
     seed: int = 0
 
 
-def held_out_text(source: Iterable, tokenizer, tokens: int, context_size: int, prepend_bos: bool | None,
-                  stride: int = 8) -> torch.Tensor:
+def held_out_text(
+    source: Iterable, tokenizer, tokens: int, context_size: int, prepend_bos: bool | None, stride: int = 8
+) -> torch.Tensor:
     """[B, context_size] token ids: `tokens` tokens of `source` in whole contexts, every `stride`-th
     context (so the sample spans more documents than the first few)."""
-    from activations.tokens import pack_contexts
-
     rows, last = [], None
     for i, ctx in enumerate(pack_contexts(source, tokenizer, context_size, prepend_bos)):
         last = ctx.tokens
@@ -128,14 +148,8 @@ def held_out_text(source: Iterable, tokenizer, tokens: int, context_size: int, p
 def sae_subject(sae, lm, text: torch.Tensor | None, cfg: CatalogueConfig = CatalogueConfig()):
     """A detector Subject for an SAE on its model: activations at the SAE's hook, decoder directions
     in raw residual units, the unembedding with the final norm's gain, and sampled final residuals."""
-    from activations.hookpoints import n_layers, parse_hook, run_with_cache
-    from analysis.detectors import Subject
-    from analysis.logits import unembedding
-
     hp = parse_hook(sae.cfg.hook_name, lm.model)
-    if sae.cfg.d_in != lm.d_model:
-        raise UserError(f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model}; "
-                        f"use the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}).")
+    check_sae_fits(sae, lm)
 
     @torch.inference_mode()
     def encode(tokens: torch.Tensor) -> torch.Tensor:
@@ -151,14 +165,21 @@ def sae_subject(sae, lm, text: torch.Tensor | None, cfg: CatalogueConfig = Catal
             resid = run_with_cache(lm.model, rows.to(lm.device), [last])[last.name][:, 1:]
         final = resid.reshape(-1, resid.shape[-1])[: cfg.resid_positions].float().cpu()
     return Subject(
-        encode=encode, n_features=sae.cfg.d_sae, tokenizer=lm.tokenizer, text=text,
+        encode=encode,
+        n_features=sae.cfg.d_sae,
+        tokenizer=lm.tokenizer,
+        text=text,
         directions=(sae.W_dec.detach().float() / sae.cfg.norm_scale).cpu(),
-        unembed=(un.W_U * un.gain).cpu(), centre=un.center, final_resid=final,
-        batch_tokens=cfg.batch_tokens, seed=cfg.seed,
+        unembed=(un.W_U * un.gain).cpu(),
+        centre=un.center,
+        final_resid=final,
+        batch_tokens=cfg.batch_tokens,
+        seed=cfg.seed,
     )
 
 
 # ---- running the detectors and storing tags --------------------------------------------------------
+
 
 @dataclass
 class CatalogueResult:
@@ -167,9 +188,9 @@ class CatalogueResult:
     catalogue_version: int
     n_features: int
     scores: dict[str, list[float]]
-    detectors: dict[str, dict]                  # per mechanism: threshold, probe, passed count, seconds
+    detectors: dict[str, dict]  # per mechanism: threshold, probe, passed count, seconds
     tags: dict[int, list[dict]] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)    # model, hook, layer, text
+    meta: dict = field(default_factory=dict)  # model, hook, layer, text
 
     def counts(self) -> dict[str, int]:
         return {m: d["passed"] for m, d in self.detectors.items()}
@@ -180,29 +201,43 @@ class CatalogueResult:
         return sorted(fs, key=lambda f: -self.scores[mechanism][f])
 
     def to_json(self) -> dict:
-        return {"format": TAGS_FORMAT, "catalogue_version": self.catalogue_version, "n_features": self.n_features,
-                "meta": self.meta, "detectors": self.detectors, "scores": self.scores,
-                "tags": {str(f): t for f, t in sorted(self.tags.items())}}
+        return {
+            "format": TAGS_FORMAT,
+            "catalogue_version": self.catalogue_version,
+            "n_features": self.n_features,
+            "meta": self.meta,
+            "detectors": self.detectors,
+            "scores": self.scores,
+            "tags": {str(f): t for f, t in sorted(self.tags.items())},
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "CatalogueResult":
-        return cls(catalogue_version=d["catalogue_version"], n_features=d["n_features"], scores=d["scores"],
-                   detectors=d["detectors"], tags={int(f): t for f, t in d["tags"].items()}, meta=d.get("meta", {}))
+    def from_json(cls, d: dict) -> CatalogueResult:
+        return cls(
+            catalogue_version=d["catalogue_version"],
+            n_features=d["n_features"],
+            scores=d["scores"],
+            detectors=d["detectors"],
+            tags={int(f): t for f, t in d["tags"].items()},
+            meta=d.get("meta", {}),
+        )
 
     def save(self, sae_folder: str | os.PathLike) -> Path:
+        """Write the result to <sae_folder>/features/mechanisms.json (atomically: a reader never sees half)."""
         path = Path(sae_folder) / TAGS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_json(), indent=None, ensure_ascii=False)
         return path
 
 
-def tag_features(subject, catalogue: Catalogue | None = None, mechanisms: list[str] | None = None,
-                 progress: bool = False, meta: dict | None = None) -> CatalogueResult:
+def tag_features(
+    subject,
+    catalogue: Catalogue | None = None,
+    mechanisms: list[str] | None = None,
+    progress: bool = False,
+    meta: dict | None = None,
+) -> CatalogueResult:
     """Run the catalogue's detectors on a Subject and turn scores above threshold into tags."""
-    from analysis.detectors import detect
-
     catalogue = catalogue or load_catalogue()
     entries = [catalogue[m] for m in mechanisms] if mechanisms else list(catalogue.mechanisms)
     scores, detectors, tags = {}, {}, {}
@@ -211,37 +246,108 @@ def tag_features(subject, catalogue: Catalogue | None = None, mechanisms: list[s
         score = result.score.clamp(0, 1)
         passed = (score >= m.threshold).nonzero().flatten().tolist()
         scores[m.id] = [round(float(s), 4) for s in score]
-        detectors[m.id] = {"threshold": m.threshold, "probe": result.probe, "passed": len(passed),
-                           "seconds": round(subject.cache.get(f"seconds:{m.detector}", 0.0), 2)}
+        detectors[m.id] = {
+            "threshold": m.threshold,
+            "probe": result.probe,
+            "passed": len(passed),
+            "seconds": round(subject.cache.get(f"seconds:{m.detector}", 0.0), 2),
+        }
         for f in passed:
-            tags.setdefault(f, []).append({
-                "mechanism": m.id, "name": m.name, "section": m.primer_section,
-                "score": round(float(score[f]), 4), "threshold": m.threshold, "evidence": result.evidence(f),
-            })
+            tags.setdefault(f, []).append(
+                {
+                    "mechanism": m.id,
+                    "name": m.name,
+                    "section": m.primer_section,
+                    "score": round(float(score[f]), 4),
+                    "threshold": m.threshold,
+                    "evidence": result.evidence(f),
+                }
+            )
         if progress:
             print(f"  {m.id:<16} {len(passed):5d} tagged  ({detectors[m.id]['seconds']:.1f} s)", flush=True)
     return CatalogueResult(catalogue.version, subject.n_features, scores, detectors, tags, meta or {})
 
 
-def run_catalogue(sae, lm, source: Iterable, cfg: CatalogueConfig = CatalogueConfig(), progress: bool = False,
-                  meta: dict | None = None) -> CatalogueResult:
+def run_catalogue(
+    sae,
+    lm,
+    source: Iterable,
+    cfg: CatalogueConfig = CatalogueConfig(),
+    progress: bool = False,
+    meta: dict | None = None,
+) -> CatalogueResult:
     """Held-out text from `source`, the SAE as a Subject, every detector, tags."""
     ctx = cfg.context_size or sae.cfg.context_size or 128
     text = held_out_text(source, lm.tokenizer, cfg.text_tokens, ctx, sae.cfg.prepend_bos)
     subject = sae_subject(sae, lm, text, cfg)
-    info = {"model": lm.name, "hook": sae.cfg.hook_name, "layer": sae.cfg.hook_layer,
-            "text_tokens": int(text.numel()), **(meta or {})}
+    info = {
+        "model": lm.name,
+        "hook": sae.cfg.hook_name,
+        "layer": sae.cfg.hook_layer,
+        "text_tokens": int(text.numel()),
+        **(meta or {}),
+    }
     return tag_features(subject, mechanisms=cfg.mechanisms, progress=progress, meta=info)
 
 
+def detect_run(
+    folder: str | os.PathLike,
+    lm,
+    text: HeldOutText = HeldOutText(),
+    *,
+    tokens: int = 4096,
+    only: list[str] | None = None,
+    catalogue: str | None = None,
+    progress: bool = True,
+    save_to: str | os.PathLike | None = None,
+) -> CatalogueResult:
+    """Run the detectors on the SAE in `folder` (with model `lm`) over held-out text and store the tags in
+    `save_to`/features (default `folder`); returns the CatalogueResult."""
+    folder = Path(folder)
+    cat = load_catalogue(catalogue)
+    for m in only or []:
+        cat[m]  # UserError naming the valid ids
+    sae = load_sae(folder, device=str(lm.device))
+    dataset = text.dataset or sae.cfg.dataset or "wikitext-2"
+    source = open_text_source(
+        dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
+    )
+    held_out = held_out_text(source, lm.tokenizer, tokens, sae.cfg.context_size or 128, sae.cfg.prepend_bos)
+    if progress:
+        print(
+            f"tagging {sae.cfg.d_sae} features of {folder} ({sae.cfg.hook_name}) against {len(cat.mechanisms)} "
+            f"mechanisms, {held_out.numel()} held-out tokens of {dataset}",
+            flush=True,
+        )
+    subject = sae_subject(sae, lm, held_out, CatalogueConfig(text_tokens=tokens, mechanisms=only))
+    meta = {
+        "model": lm.name,
+        "hook": sae.cfg.hook_name,
+        "layer": sae.cfg.hook_layer,
+        "dataset": dataset,
+        "split": text.split,
+        "text_tokens": int(held_out.numel()),
+    }
+    result = tag_features(subject, cat, only, progress=progress, meta=meta)
+    path = result.save(save_to or folder)
+    if progress:
+        print(f"tags written to {path}")
+    return result
+
+
 def load_tags(sae_folder: str | os.PathLike) -> CatalogueResult:
+    """The mechanism tags stored for an SAE (its features/mechanisms.json), or a UserError saying how to make them."""
     path = Path(sae_folder) / TAGS_FILE
     if not path.is_file():
-        raise UserError(f"{path} is missing; run 'sae catalogue {sae_folder} --detect' (or 'sae inspect') to tag the features.")
+        raise UserError(
+            f"{path} is missing; run 'sae catalogue {sae_folder} --detect' (or 'sae inspect') to tag the features."
+        )
     try:
         return CatalogueResult.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); run the detectors again to rewrite it.") from None
+        raise UserError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); run the detectors again to rewrite it."
+        ) from None
 
 
 def dashboard_catalogue(result: CatalogueResult, catalogue: Catalogue | None = None, limit: int = 1000) -> list[dict]:
@@ -253,14 +359,25 @@ def dashboard_catalogue(result: CatalogueResult, catalogue: Catalogue | None = N
         if m.id not in result.detectors:
             continue
         features = result.features_with(m.id)
-        pages.append({"id": m.id, "name": m.name, "section": m.primer_section, "papers": list(m.papers),
-                      "description": m.description, "threshold": m.threshold, "score": m.score,
-                      "probe": result.detectors[m.id]["probe"], "count": len(features),
-                      "features": [[f, result.scores[m.id][f]] for f in features[:limit]]})
+        pages.append(
+            {
+                "id": m.id,
+                "name": m.name,
+                "section": m.primer_section,
+                "papers": list(m.papers),
+                "description": m.description,
+                "threshold": m.threshold,
+                "score": m.score,
+                "probe": result.detectors[m.id]["probe"],
+                "count": len(features),
+                "features": [[f, result.scores[m.id][f]] for f in features[:limit]],
+            }
+        )
     return pages
 
 
 # ---- summary table ---------------------------------------------------------------------------------
+
 
 def summary_table(results: dict[str, CatalogueResult], catalogue: Catalogue | None = None) -> str:
     """Counts per mechanism (rows) and per SAE / layer (columns), as a plain-text table."""

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ from analysis.feature_stats import FeatureStats
 from analysis.logits import TopLogits
 
 Annotator = Callable[[dict], None]
-TAG_FILES = ("tags.json", "mechanisms.json")   # in features/: any analysis's tags, the mechanism catalogue's
+TAG_FILES = ("tags.json", "mechanisms.json")  # in features/: any analysis's tags, the mechanism catalogue's
 
 
 class TokenText:
@@ -72,31 +72,65 @@ class RecordBuilder:
         def examples(act, g, doc, doc_pos, tokens, window_acts) -> list:
             """Per feature, its examples ([F, k, ...] tensors flattened to [F, k*, ...] lists)."""
             out = []
-            for row in zip(_sig(act), g.tolist(), doc.tolist(), doc_pos.tolist(), tokens.tolist(), _sig(window_acts, 3)):
+            for row in zip(
+                _sig(act), g.tolist(), doc.tolist(), doc_pos.tolist(), tokens.tolist(), _sig(window_acts, 3)
+            ):
                 out.append([_example(*ex, left, T, text) for ex in zip(*row) if ex[1] >= 0])
             return out
 
-        top = examples(s.top_act[sl], s.top_g[sl], s.top_doc[sl], s.top_doc_pos[sl], s.top_tokens[sl], s.top_window_acts[sl])
+        top = examples(
+            s.top_act[sl], s.top_g[sl], s.top_doc[sl], s.top_doc_pos[sl], s.top_tokens[sl], s.top_window_acts[sl]
+        )
         F, m = stop - start, s.sample_key.shape[2]
         flat = lambda t: t[sl].reshape(F, n * m, *t.shape[3:])  # noqa: E731
-        sampled = examples(flat(s.sample_act), flat(s.sample_g), flat(s.sample_doc), flat(s.sample_doc_pos),
-                           flat(s.sample_tokens), flat(s.sample_window_acts))
-        filled = s.sample_g[sl].ge(0).sum(2).tolist()                    # [F, n] examples per interval
+        sampled = examples(
+            flat(s.sample_act),
+            flat(s.sample_g),
+            flat(s.sample_doc),
+            flat(s.sample_doc_pos),
+            flat(s.sample_tokens),
+            flat(s.sample_window_acts),
+        )
+        filled = s.sample_g[sl].ge(0).sum(2).tolist()  # [F, n] examples per interval
         mx = s.max[sl]
         edges = _sig(mx.double()[:, None] * torch.arange(n + 1, dtype=torch.float64) / n)
         logits = self._logits(sl, F)
         records = []
-        for f, (density, count, mean, peak, hist, counts) in enumerate(zip(
-                _sig(s.density[sl]), s.count[sl].tolist(), _sig(s.mean[sl]), _sig(mx), s.hist[sl].tolist(),
-                s.interval_count[sl].tolist())):
+        for f, (density, count, mean, peak, hist, counts) in enumerate(
+            zip(
+                _sig(s.density[sl]),
+                s.count[sl].tolist(),
+                _sig(s.mean[sl]),
+                _sig(mx),
+                s.hist[sl].tolist(),
+                s.interval_count[sl].tolist(),
+            )
+        ):
             intervals, taken = [], 0
             for j in range(n):
-                intervals.append({"lo": edges[f][j], "hi": edges[f][j + 1], "count": counts[j],
-                                  "examples": sampled[f][taken:taken + filled[f][j]]})
+                intervals.append(
+                    {
+                        "lo": edges[f][j],
+                        "hi": edges[f][j + 1],
+                        "count": counts[j],
+                        "examples": sampled[f][taken : taken + filled[f][j]],
+                    }
+                )
                 taken += filled[f][j]
-            records.append({"id": start + f, "density": density, "count": count, "mean": mean, "max": peak,
-                            "hist": {"max": peak, "counts": hist}, "top": top[f], "intervals": intervals,
-                            "logits": logits[f], "tags": []})
+            records.append(
+                {
+                    "id": start + f,
+                    "density": density,
+                    "count": count,
+                    "mean": mean,
+                    "max": peak,
+                    "hist": {"max": peak, "counts": hist},
+                    "top": top[f],
+                    "intervals": intervals,
+                    "logits": logits[f],
+                    "tags": [],
+                }
+            )
         return records
 
     def _logits(self, sl: slice, F: int) -> list[dict]:
@@ -111,13 +145,31 @@ class RecordBuilder:
         return out
 
 
-def _example(act: float, g: int, doc: int, doc_pos: int, tokens: list[int], window_acts: list[float],
-             left: int, context_size: int, text: TokenText) -> dict:
-    """One example as the page shows it: the window's tokens (outside-context slots dropped), activations, provenance."""
+def _example(
+    act: float,
+    g: int,
+    doc: int,
+    doc_pos: int,
+    tokens: list[int],
+    window_acts: list[float],
+    left: int,
+    context_size: int,
+    text: TokenText,
+) -> dict:
+    """One example as the page shows it: the window's tokens (outside-context slots dropped), activations,
+    provenance."""
     inside = [i for i, t in enumerate(tokens) if t >= 0]
     ctx, pos = divmod(g, context_size)
-    return {"act": act, "ctx": ctx, "pos": pos, "doc": doc, "doc_pos": doc_pos, "center": left - inside[0],
-            "tokens": [text(tokens[i]) for i in inside], "acts": [window_acts[i] for i in inside]}
+    return {
+        "act": act,
+        "ctx": ctx,
+        "pos": pos,
+        "doc": doc,
+        "doc_pos": doc_pos,
+        "center": left - inside[0],
+        "tokens": [text(tokens[i]) for i in inside],
+        "acts": [window_acts[i] for i in inside],
+    }
 
 
 def feature_record(stats: FeatureStats, logits: TopLogits | None, i: int, tokenizer) -> dict:
@@ -125,10 +177,10 @@ def feature_record(stats: FeatureStats, logits: TopLogits | None, i: int, tokeni
     return RecordBuilder(stats, logits, tokenizer).record(i)
 
 
-def load_tags(*features_dirs: str | Path) -> dict[int, list]:
-    """Tags from each folder's tags.json ({feature id: [tag, ...]}) and the mechanism catalogue's
-    mechanisms.json (the same mapping under "tags"; only the first folder's, the newest run of the
-    detectors), merged; {} when there are none."""
+def read_feature_tags(*features_dirs: str | Path) -> dict[int, list]:
+    """The dashboard's tags per feature: each folder's tags.json ({feature id: [tag, ...]}) and the mechanism
+    catalogue's mechanisms.json (the same mapping under "tags"; only the first folder's, the newest run of the
+    detectors), merged; {} when there are none. analysis.catalogue.load_tags reads one SAE's whole catalogue result."""
     tags: dict[int, list] = {}
     seen = set()
     for folder in features_dirs:
@@ -143,7 +195,9 @@ def load_tags(*features_dirs: str | Path) -> dict[int, list]:
                 for k, v in raw.items():
                     tags.setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
             except (ValueError, TypeError, AttributeError) as e:
-                raise UserError(f"{path} is not a JSON object of feature id -> list of tags ({e}); fix or delete it.") from None
+                raise UserError(
+                    f"{path} is not a JSON object of feature id -> list of tags ({e}); fix or delete it."
+                ) from None
     return tags
 
 
@@ -165,10 +219,21 @@ def _js(call: str, *args) -> str:
     return f"SAELAB.{call}({', '.join(json.dumps(a, ensure_ascii=False, separators=(',', ':')) for a in args)});\n"
 
 
-def write_dashboard(out: str | Path, stats: FeatureStats, logits: TopLogits | None, tokenizer, *, title: str,
-                    subtitle: str = "", summary: dict | None = None, plots: Iterable[tuple[str, str]] = (),
-                    annotators: Iterable[Annotator] = (), tags: dict[int, list] | None = None, chunk_size: int = 64,
-                    catalogue: list[dict] | None = None) -> Path:
+def write_dashboard(
+    out: str | Path,
+    stats: FeatureStats,
+    logits: TopLogits | None,
+    tokenizer,
+    *,
+    title: str,
+    subtitle: str = "",
+    summary: dict | None = None,
+    plots: Iterable[tuple[str, str]] = (),
+    annotators: Iterable[Annotator] = (),
+    tags: dict[int, list] | None = None,
+    chunk_size: int = 64,
+    catalogue: list[dict] | None = None,
+) -> Path:
     """Write the dashboard folder `out` (replacing its data/) and return the path of index.html.
 
     `plots` are (title, path relative to `out`) pairs shown on the overview page; `catalogue` is the
@@ -189,9 +254,18 @@ def write_dashboard(out: str | Path, stats: FeatureStats, logits: TopLogits | No
             for annotate in annotators:
                 annotate(record)
             rows.append(_index_row(record))
-        (data / f"features_{start // chunk_size:05d}.js").write_text(_js("chunk", start // chunk_size, records), encoding="utf-8")
-    meta = {"title": title, "subtitle": subtitle, "chunk_size": chunk_size, "summary": summary or {},
-            "plots": [{"title": t, "src": src} for t, src in plots], "features": rows, "catalogue": catalogue or []}
+        (data / f"features_{start // chunk_size:05d}.js").write_text(
+            _js("chunk", start // chunk_size, records), encoding="utf-8"
+        )
+    meta = {
+        "title": title,
+        "subtitle": subtitle,
+        "chunk_size": chunk_size,
+        "summary": summary or {},
+        "plots": [{"title": t, "src": src} for t, src in plots],
+        "features": rows,
+        "catalogue": catalogue or [],
+    }
     (data / "index.js").write_text(_js("index", meta), encoding="utf-8")
     template = resources.files("analysis").joinpath("dashboard_template.html").read_text(encoding="utf-8")
     (out / "index.html").write_text(template, encoding="utf-8")

@@ -22,54 +22,53 @@ never count and show activation 0 inside windows. Window slots outside the conte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from activations.errors import UserError
 from activations.hookpoints import parse_hook, run_with_cache
 from activations.models import LoadedModel
+from activations.options import check_fields, option
 from activations.sources import Document
-from activations.store import ActivationStore, StoreConfig
 from activations.tokens import ContextBatch
+from analysis.heldout import check_sae_fits, heldout_batches
 from sae.base import SAE
 
-EMPTY_KEY = torch.iinfo(torch.int64).max   # sample slot with no example
-_P = 2_147_483_647                          # 2^31 - 1: the hash works modulo this prime without int64 overflow
+EMPTY_KEY = torch.iinfo(torch.int64).max  # sample slot with no example
+_P = 2_147_483_647  # 2^31 - 1: the hash works modulo this prime without int64 overflow
 
 
 @dataclass
 class StatsConfig:
     """How much text to read and how many examples to keep per feature."""
 
-    tokens: int = 32768          # kept (trained-on) tokens to read; whole model batches, so slightly more
-    top_k: int = 16              # max-activating examples per feature
-    left: int = 20               # tokens shown before an example's token
-    right: int = 6               # and after it
-    intervals: int = 5           # equal-width activation intervals of (0, max] to sample examples from
-    per_interval: int = 3        # examples sampled from each interval
-    bins: int = 32               # activation histogram bins over (0, max]
-    context_size: int | None = None   # None: the SAE's training context size
-    model_batch_size: int = 8
-    seed: int = 0                # of the interval samples
-    cache_mb: int = 512          # hook activations kept in memory between the passes up to this size (else recomputed)
+    tokens: int = option(32768, "held-out tokens to read (whole model batches, so slightly more)", low=1)
+    top_k: int = option(16, "max-activating examples per feature", low=1)
+    left: int = option(20, "tokens shown before an example's token", low=0)
+    right: int = option(6, "tokens shown after it", low=0)
+    intervals: int = option(5, "equal-width activation intervals of (0, max] to sample examples from", low=1)
+    per_interval: int = option(3, "examples sampled per interval", low=1)
+    bins: int = option(32, "activation histogram bins over (0, max]", low=1)
+    context_size: int | None = option(
+        None, "tokens per context (default: the SAE's training context size)", low=2, cli=False
+    )
+    model_batch_size: int = option(8, "contexts per model forward", low=1)
+    seed: int = option(0, "seed of the interval samples")
+    cache_mb: int = option(
+        512, "hook activations kept in memory between the two passes up to this size (MB)", low=0, cli=False
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def window(self) -> int:
         return self.left + 1 + self.right
-
-    def check(self) -> None:
-        """UserError for a setting that cannot work."""
-        for name in ("tokens", "top_k", "intervals", "per_interval", "bins", "model_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"feature statistics need {name.replace('_', '-')} >= 1, got {getattr(self, name)}; pass a positive value.")
-        if self.left < 0 or self.right < 0:
-            raise UserError(f"example windows need left/right >= 0 tokens, got {self.left}/{self.right}; pass non-negative sizes.")
 
 
 # Per-example fields kept for top-k and interval examples. "g" is the token's global index
@@ -82,28 +81,28 @@ class FeatureStats:
     """The result of `feature_stats`, feature-major ([F, ...]) CPU tensors; see the module docstring."""
 
     cfg: StatsConfig
-    tokens: int                   # kept tokens read
-    contexts: int                 # contexts read
+    tokens: int  # kept tokens read
+    contexts: int  # contexts read
     context_size: int
-    count: Tensor                 # [F] int64: tokens where the feature is > 0
-    act_sum: Tensor               # [F] float64: sum of its activations
-    max: Tensor                   # [F] float32 (0 for a feature that never fired)
-    hist: Tensor                  # [F, bins] int64 over (0, max]
-    top_act: Tensor               # [F, k] float32, descending; 0 = no example
-    top_g: Tensor                 # [F, k] int64 global token index (-1 none)
-    top_doc: Tensor               # [F, k] int64 document id of the token (-1: inserted token / none)
-    top_doc_pos: Tensor           # [F, k] int64 offset of the token in its document
-    top_tokens: Tensor            # [F, k, W] int32 token ids of the window (-1 outside the context)
-    top_window_acts: Tensor       # [F, k, W] float32 the feature's activation on each window token
-    interval_count: Tensor        # [F, intervals] int64 firings in each interval
-    sample_key: Tensor            # [F, intervals, m] int64 (EMPTY_KEY: no example), ascending
-    sample_act: Tensor            # [F, intervals, m] float32
-    sample_g: Tensor              # [F, intervals, m] int64
+    count: Tensor  # [F] int64: tokens where the feature is > 0
+    act_sum: Tensor  # [F] float64: sum of its activations
+    max: Tensor  # [F] float32 (0 for a feature that never fired)
+    hist: Tensor  # [F, bins] int64 over (0, max]
+    top_act: Tensor  # [F, k] float32, descending; 0 = no example
+    top_g: Tensor  # [F, k] int64 global token index (-1 none)
+    top_doc: Tensor  # [F, k] int64 document id of the token (-1: inserted token / none)
+    top_doc_pos: Tensor  # [F, k] int64 offset of the token in its document
+    top_tokens: Tensor  # [F, k, W] int32 token ids of the window (-1 outside the context)
+    top_window_acts: Tensor  # [F, k, W] float32 the feature's activation on each window token
+    interval_count: Tensor  # [F, intervals] int64 firings in each interval
+    sample_key: Tensor  # [F, intervals, m] int64 (EMPTY_KEY: no example), ascending
+    sample_act: Tensor  # [F, intervals, m] float32
+    sample_g: Tensor  # [F, intervals, m] int64
     sample_doc: Tensor
     sample_doc_pos: Tensor
-    sample_tokens: Tensor         # [F, intervals, m, W] int32
-    sample_window_acts: Tensor    # [F, intervals, m, W] float32
-    meta: dict                    # provenance: model, hook, dataset, split
+    sample_tokens: Tensor  # [F, intervals, m, W] int32
+    sample_window_acts: Tensor  # [F, intervals, m, W] float32
+    meta: dict  # provenance: model, hook, dataset, split
 
     @property
     def d_sae(self) -> int:
@@ -128,22 +127,39 @@ class FeatureStats:
         """Write stats.safetensors + stats.json into folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        tensors = {
+            f.name: getattr(self, f.name).contiguous()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         save_file(tensors, folder / "stats.safetensors")
-        info = {"cfg": asdict(self.cfg), "tokens": self.tokens, "contexts": self.contexts,
-                "context_size": self.context_size, "meta": self.meta}
+        info = {
+            "cfg": asdict(self.cfg),
+            "tokens": self.tokens,
+            "contexts": self.contexts,
+            "context_size": self.context_size,
+            "meta": self.meta,
+        }
         (folder / "stats.json").write_text(json.dumps(info, indent=2) + "\n")
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "FeatureStats":
+    def load(cls, folder: str | Path) -> FeatureStats:
         folder = Path(folder)
         if not (folder / "stats.safetensors").is_file() or not (folder / "stats.json").is_file():
-            raise UserError(f"{folder} holds no feature statistics (stats.safetensors, stats.json); run 'sae inspect RUN' first.")
+            raise UserError(
+                f"{folder} holds no feature statistics (stats.safetensors, stats.json); run 'sae inspect RUN' first."
+            )
         info = json.loads((folder / "stats.json").read_text())
         tensors = load_file(folder / "stats.safetensors")
-        return cls(cfg=StatsConfig(**info["cfg"]), tokens=info["tokens"], contexts=info["contexts"],
-                   context_size=info["context_size"], meta=info["meta"], **tensors)
+        return cls(
+            cfg=StatsConfig(**info["cfg"]),
+            tokens=info["tokens"],
+            contexts=info["contexts"],
+            context_size=info["context_size"],
+            meta=info["meta"],
+            **tensors,
+        )
 
 
 def sample_key(g: Tensor, feature: Tensor, seed: int = 0) -> Tensor:
@@ -162,28 +178,21 @@ def sample_key(g: Tensor, feature: Tensor, seed: int = 0) -> Tensor:
 
 # ---- the passes -------------------------------------------------------------------------
 
-def _hook_batches(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: StatsConfig, desc: str
-                  ) -> Iterator[tuple[ContextBatch, int, Tensor, Tensor, Tensor]]:
+
+def _hook_batches(
+    sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: StatsConfig, desc: str
+) -> Iterator[tuple[ContextBatch, int, Tensor, Tensor, Tensor]]:
     """(batch, first context index, tokens [B,T], hook activations [B,T,d], keep mask [B,T]) on the SAE's device,
     for whole model batches until at least cfg.tokens kept tokens were read."""
     hp = parse_hook(sae.cfg.hook_name, lm.model)
-    ctx = cfg.context_size or sae.cfg.context_size or 128
-    store = ActivationStore(lm, source, StoreConfig(hooks=[hp.name], context_size=ctx, model_batch_size=cfg.model_batch_size,
-                                                    prepend_bos=sae.cfg.prepend_bos, epochs=1, normalise=False))
     device = sae.device
-    seen, first = 0, 0
-    with tqdm(total=cfg.tokens, desc=desc, unit="tok", dynamic_ncols=True) as bar:
-        for batch in store.context_batches():
-            tokens = batch.tokens.to(lm.device)
-            x = run_with_cache(lm.model, tokens, [hp])[hp.name]
-            keep = store.keep_mask(tokens).to(device)
-            yield batch, first, tokens.to(device), x.to(device), keep
-            first += len(tokens)
-            n = int(keep.sum())
-            seen += n
-            bar.update(n)
-            if seen >= cfg.tokens:
-                return
+    first = 0
+    for batch, tokens, keep in heldout_batches(
+        sae, lm, source, cfg.tokens, cfg.model_batch_size, cfg.context_size, desc
+    ):
+        x = run_with_cache(lm.model, tokens, [hp])[hp.name]
+        yield batch, first, tokens.to(device), x.to(device), keep.to(device)
+        first += len(tokens)
 
 
 def _with_acts(sae: SAE, batches: Iterable[tuple]) -> Iterator[tuple[ContextBatch, int, Tensor, Tensor, Tensor]]:
@@ -224,46 +233,53 @@ def _windows(tokens: Tensor, acts: Tensor, rows: Tensor, feats: Tensor, cfg: Sta
     return win_tokens, win_acts
 
 
-def _example_fields(batch: ContextBatch, first: int, tokens: Tensor, acts: Tensor, rows: Tensor, feats: Tensor,
-                    cfg: StatsConfig) -> dict[str, Tensor]:
+def _example_fields(
+    batch: ContextBatch, first: int, tokens: Tensor, acts: Tensor, rows: Tensor, feats: Tensor, cfg: StatsConfig
+) -> dict[str, Tensor]:
     """Every _EXAMPLE_FIELDS tensor for examples at flat rows `rows` of the batch, feature `feats`."""
     T = tokens.shape[1]
     win_tokens, win_acts = _windows(tokens, acts, rows, feats, cfg)
     doc = batch.doc_ids.reshape(-1).to(rows.device)[rows]
     doc_pos = batch.positions.reshape(-1).to(rows.device)[rows]
-    return {"act": acts.reshape(-1, acts.shape[-1])[rows, feats], "g": first * T + rows, "doc": doc, "doc_pos": doc_pos,
-            "tokens": win_tokens, "window_acts": win_acts}
+    return {
+        "act": acts.reshape(-1, acts.shape[-1])[rows, feats],
+        "g": first * T + rows,
+        "doc": doc,
+        "doc_pos": doc_pos,
+        "tokens": win_tokens,
+        "window_acts": win_acts,
+    }
 
 
 @torch.inference_mode()
-def feature_stats(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: StatsConfig = StatsConfig(),
-                  meta: dict | None = None) -> FeatureStats:
+def feature_stats(
+    sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: StatsConfig = StatsConfig(), meta: dict | None = None
+) -> FeatureStats:
     """Two passes over `cfg.tokens` held-out tokens of `source` (re-iterable); see the module docstring."""
-    cfg.check()
-    if sae.cfg.d_in != lm.d_model:
-        raise UserError(f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model}; "
-                        f"inspect with the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}).")
+    check_sae_fits(sae, lm)
     F, k, W, device = sae.cfg.d_sae, cfg.top_k, cfg.window, sae.device
 
     # ---- pass 1: counts, sums, max, top-k ------------------------------------------------
     count = torch.zeros(F, dtype=torch.long, device=device)
     act_sum = torch.zeros(F, dtype=torch.float64, device=device)
     mx = torch.zeros(F, device=device)
-    top = _empty_examples((k, F), W, device)         # [k, F, ...]: topk runs along dim 0
+    top = _empty_examples((k, F), W, device)  # [k, F, ...]: topk runs along dim 0
     tokens_read, contexts, T = 0, 0, 0
     replay = _Replay(cfg.cache_mb)
-    for batch, first, tokens, acts, keep in _with_acts(sae, replay.record(_hook_batches(sae, lm, source, cfg, "features 1/2"))):
+    for batch, first, tokens, acts, keep in _with_acts(
+        sae, replay.record(_hook_batches(sae, lm, source, cfg, "features 1/2"))
+    ):
         T = tokens.shape[1]
         flat = acts.reshape(-1, F)
         count += (flat > 0).sum(0)
         act_sum += flat.sum(0, dtype=torch.float64)
         mx = torch.maximum(mx, flat.max(0).values)
-        cand_act, cand_rows = flat.topk(min(k, len(flat)), dim=0)                   # [k', F]
+        cand_act, cand_rows = flat.topk(min(k, len(flat)), dim=0)  # [k', F]
         feats = torch.arange(F, device=device).expand_as(cand_rows)
         cand = _example_fields(batch, first, tokens, acts, cand_rows.reshape(-1), feats.reshape(-1), cfg)
         cand = {name: value.reshape(*cand_rows.shape, *value.shape[1:]) for name, value in cand.items()}
         merged = {name: torch.cat([top[name], cand[name]]) for name in _EXAMPLE_FIELDS}
-        sel = merged["act"].topk(k, dim=0).indices                                  # [k, F]
+        sel = merged["act"].topk(k, dim=0).indices  # [k, F]
         top = {name: _take(value, sel, dim=0) for name, value in merged.items()}
         tokens_read += int(keep.sum())
         contexts = first + len(tokens)
@@ -280,40 +296,60 @@ def feature_stats(sae: SAE, lm: LoadedModel, source: Iterable[Document], cfg: St
     samples["key"] = torch.full((F * n, m), EMPTY_KEY, dtype=torch.long, device=device)
     cfg2 = StatsConfig(**{**asdict(cfg), "tokens": tokens_read})  # exactly the same batches as pass 1
     again = replay.items if replay.items is not None else _hook_batches(sae, lm, source, cfg2, "features 2/2")
-    for batch, first, tokens, acts, keep in _with_acts(sae, again):
+    for batch, first, tokens, acts, _keep in _with_acts(sae, again):
         flat = acts.reshape(-1, F)
         rows, feats = (flat > 0).nonzero(as_tuple=True)
         a = flat[rows, feats].double()
         top_of = mx[feats].double()
-        hist.index_add_(0, feats * cfg.bins + (a * cfg.bins / top_of).floor().long().clamp(max=cfg.bins - 1),
-                        torch.ones_like(feats))
+        hist.index_add_(
+            0, feats * cfg.bins + (a * cfg.bins / top_of).floor().long().clamp(max=cfg.bins - 1), torch.ones_like(feats)
+        )
         group = feats * n + (a * n / top_of).floor().long().clamp(max=n - 1)
         interval_count.index_add_(0, group, torch.ones_like(feats))
         key = sample_key(first * T + rows, feats, cfg.seed)
-        _merge_samples(samples, group, key, lambda i: _example_fields(batch, first, tokens, acts, rows[i], feats[i], cfg), m)
+        _merge_samples(
+            samples, group, key, lambda i: _example_fields(batch, first, tokens, acts, rows[i], feats[i], cfg), m
+        )
 
     _clear(samples, samples["key"] == EMPTY_KEY)
     samples = {name: value.reshape(F, n, m, *value.shape[2:]) for name, value in samples.items()}
     cpu = lambda t: t.cpu()  # noqa: E731
     return FeatureStats(
-        cfg=cfg, tokens=tokens_read, contexts=contexts, context_size=T, count=cpu(count), act_sum=cpu(act_sum), max=cpu(mx),
+        cfg=cfg,
+        tokens=tokens_read,
+        contexts=contexts,
+        context_size=T,
+        count=cpu(count),
+        act_sum=cpu(act_sum),
+        max=cpu(mx),
         hist=cpu(hist.reshape(F, cfg.bins)),
-        top_act=cpu(top["act"]), top_g=cpu(top["g"]), top_doc=cpu(top["doc"]), top_doc_pos=cpu(top["doc_pos"]),
-        top_tokens=cpu(top["tokens"]), top_window_acts=cpu(top["window_acts"]),
-        interval_count=cpu(interval_count.reshape(F, n)), sample_key=cpu(samples["key"]), sample_act=cpu(samples["act"]),
-        sample_g=cpu(samples["g"]), sample_doc=cpu(samples["doc"]), sample_doc_pos=cpu(samples["doc_pos"]),
-        sample_tokens=cpu(samples["tokens"]), sample_window_acts=cpu(samples["window_acts"]),
+        top_act=cpu(top["act"]),
+        top_g=cpu(top["g"]),
+        top_doc=cpu(top["doc"]),
+        top_doc_pos=cpu(top["doc_pos"]),
+        top_tokens=cpu(top["tokens"]),
+        top_window_acts=cpu(top["window_acts"]),
+        interval_count=cpu(interval_count.reshape(F, n)),
+        sample_key=cpu(samples["key"]),
+        sample_act=cpu(samples["act"]),
+        sample_g=cpu(samples["g"]),
+        sample_doc=cpu(samples["doc"]),
+        sample_doc_pos=cpu(samples["doc_pos"]),
+        sample_tokens=cpu(samples["tokens"]),
+        sample_window_acts=cpu(samples["window_acts"]),
         meta={"model": lm.name, "hook": sae.cfg.hook_name, **(meta or {})},
     )
 
 
 def _empty_examples(shape: tuple[int, int], W: int, device) -> dict[str, Tensor]:
-    return {"act": torch.zeros(shape, device=device),
-            "g": torch.full(shape, -1, dtype=torch.long, device=device),
-            "doc": torch.full(shape, -1, dtype=torch.long, device=device),
-            "doc_pos": torch.full(shape, -1, dtype=torch.long, device=device),
-            "tokens": torch.full((*shape, W), -1, dtype=torch.int32, device=device),
-            "window_acts": torch.zeros((*shape, W), device=device)}
+    return {
+        "act": torch.zeros(shape, device=device),
+        "g": torch.full(shape, -1, dtype=torch.long, device=device),
+        "doc": torch.full(shape, -1, dtype=torch.long, device=device),
+        "doc_pos": torch.full(shape, -1, dtype=torch.long, device=device),
+        "tokens": torch.full((*shape, W), -1, dtype=torch.int32, device=device),
+        "window_acts": torch.zeros((*shape, W), device=device),
+    }
 
 
 def _clear(examples: dict[str, Tensor], empty: Tensor) -> None:
@@ -326,7 +362,9 @@ def _clear(examples: dict[str, Tensor], empty: Tensor) -> None:
 
 def _take(value: Tensor, index: Tensor, dim: int) -> Tensor:
     """value gathered along `dim` with `index` (which has value's leading dims), trailing dims carried along."""
-    index = index.reshape(*index.shape, *([1] * (value.ndim - index.ndim))).expand(*index.shape, *value.shape[index.ndim:])
+    index = index.reshape(*index.shape, *([1] * (value.ndim - index.ndim))).expand(
+        *index.shape, *value.shape[index.ndim :]
+    )
     return value.gather(dim, index)
 
 
@@ -355,7 +393,9 @@ def _merge_samples(samples: dict[str, Tensor], group: Tensor, key: Tensor, field
     new["key"] = key
     # Merge each touched group's m stored slots with its (up to m) new ones; keep the m smallest keys.
     U = len(uniq)
-    merged_key = torch.cat([samples["key"][uniq], torch.full((U, m), EMPTY_KEY, dtype=torch.long, device=key.device)], 1)
+    merged_key = torch.cat(
+        [samples["key"][uniq], torch.full((U, m), EMPTY_KEY, dtype=torch.long, device=key.device)], 1
+    )
     merged_key[inverse, m + rank] = key
     sel = merged_key.argsort(dim=1)[:, :m]
     for name, stored in samples.items():

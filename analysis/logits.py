@@ -27,11 +27,11 @@ from sae.base import SAE
 class Unembed:
     """The final norm (frozen scale) and unembedding of a model, float32, as a linear map residual → logits."""
 
-    W_U: Tensor            # [vocab, d]: lm_head.weight (the input embedding when tied)
-    gain: Tensor           # [d]: what the norm multiplies by
-    center: bool           # LayerNorm subtracts the mean first; RMSNorm does not
+    W_U: Tensor  # [vocab, d]: lm_head.weight (the input embedding when tied)
+    gain: Tensor  # [d]: what the norm multiplies by
+    center: bool  # LayerNorm subtracts the mean first; RMSNorm does not
     eps: float
-    bias: Tensor           # [vocab]: norm bias through W_U plus any lm_head bias (the same for every input)
+    bias: Tensor  # [vocab]: norm bias through W_U plus any lm_head bias (the same for every input)
 
     def logits(self, direction: Tensor) -> Tensor:
         """[..., vocab] logit change per unit of a residual direction [..., d], at norm scale 1."""
@@ -74,7 +74,9 @@ def decoder_directions(sae: SAE, features: Tensor | list[int]) -> Tensor:
     return sae.W_dec.detach()[idx].float() / sae.cfg.norm_scale
 
 
-def feature_logit_weights(sae: SAE, lm: LoadedModel, features: Tensor | list[int], unembed: Unembed | None = None) -> Tensor:
+def feature_logit_weights(
+    sae: SAE, lm: LoadedModel, features: Tensor | list[int], unembed: Unembed | None = None
+) -> Tensor:
     """[n, vocab] direct logit change per unit activation of each feature, at final-norm scale 1."""
     unembed = unembed or unembedding(lm)
     return unembed.logits(decoder_directions(sae, features).to(unembed.W_U.device))
@@ -93,7 +95,7 @@ class TopLogits:
         save_file({k: v.contiguous() for k, v in vars(self).items()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "TopLogits":
+    def load(cls, path: str | Path) -> TopLogits:
         if not Path(path).is_file():
             raise UserError(f"{path} is missing; run 'sae inspect RUN' to compute logit attributions.")
         return cls(**load_file(str(path)))
@@ -113,6 +115,7 @@ def top_logits(sae: SAE, lm: LoadedModel, n: int = 10, chunk: int = 512) -> TopL
 
 # ---- one prompt ------------------------------------------------------------------------
 
+
 def prompt_ids(lm: LoadedModel, prompt: str) -> Tensor:
     """[1, T] token ids of a prompt as the tokenizer makes them by default (with BOS where it adds one)."""
     if not prompt:
@@ -125,19 +128,25 @@ def token_id(lm: LoadedModel, token: str | int) -> int:
     if isinstance(token, int):
         tid = int(token)
         if not 0 <= tid < len(lm.tokenizer):
-            raise UserError(f"token id {tid} is outside the vocabulary (0..{len(lm.tokenizer) - 1}); give a valid id or the token's text.")
+            raise UserError(
+                f"token id {tid} is outside the vocabulary (0..{len(lm.tokenizer) - 1}); "
+                "give a valid id or the token's text."
+            )
         return tid
     ids = lm.tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = [lm.tokenizer.decode([i]) for i in ids]
-        raise UserError(f"target {token!r} is {len(ids)} tokens {pieces}, not one; give a single token "
-                        "(mind the leading space, e.g. ' Paris') or its id.")
+        raise UserError(
+            f"target {token!r} is {len(ids)} tokens {pieces}, not one; give a single token "
+            "(mind the leading space, e.g. ' Paris') or its id."
+        )
     return ids[0]
 
 
 @torch.inference_mode()
 def run_prompt(sae: SAE, lm: LoadedModel, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One forward: (feature acts [T, F] (0 at position 0), SAE-hook activation [T, d], final residual [T, d], logits [T, vocab])."""
+    """One forward: (feature acts [T, F] (0 at position 0), SAE-hook activation [T, d], final residual [T, d],
+    logits [T, vocab])."""
     hp = parse_hook(sae.cfg.hook_name, lm.model)
     captured: dict[str, Tensor] = {}
 
@@ -153,13 +162,14 @@ def run_prompt(sae: SAE, lm: LoadedModel, ids: Tensor) -> tuple[Tensor, Tensor, 
         handle.remove()
     x = captured["x"][0].float().to(sae.device)
     acts = sae.encode_raw(x).float()
-    acts[0] = 0   # the SAE never saw a context's first position
+    acts[0] = 0  # the SAE never saw a context's first position
     return acts, x, captured["final"][0].float(), logits
 
 
 @torch.inference_mode()
 def direct_effect(sae: SAE, lm: LoadedModel, prompt: str, feature: int) -> Tensor:
-    """[T, vocab] direct effect of `feature` on the logits at each position of `prompt` (activation × weights / norm scale)."""
+    """[T, vocab] direct effect of `feature` on the logits at each position of `prompt`
+    (activation × weights / norm scale)."""
     unembed = unembedding(lm)
     acts, _, final, _ = run_prompt(sae, lm, prompt_ids(lm, prompt))
     weights = feature_logit_weights(sae, lm, [feature], unembed)[0]
@@ -170,8 +180,8 @@ def direct_effect(sae: SAE, lm: LoadedModel, prompt: str, feature: int) -> Tenso
 class Contribution:
     feature: int
     activation: float
-    effect: float          # direct effect on the target logit per unit activation, at this position's norm scale
-    contribution: float    # activation × effect
+    effect: float  # direct effect on the target logit per unit activation, at this position's norm scale
+    contribution: float  # activation × effect
 
 
 @dataclass
@@ -182,23 +192,27 @@ class PromptAttribution:
     position: int
     target: int
     target_token: str
-    logit: float           # the model's own target logit
-    features: float        # summed contribution of every feature
-    other: float           # direct effect of the rest of the final residual: SAE error, b_dec, position 0 and later blocks
-    constant: float        # norm bias and lm_head bias
-    top: list[Contribution]      # largest contributions, descending
-    bottom: list[Contribution]   # most negative, ascending
+    logit: float  # the model's own target logit
+    features: float  # summed contribution of every feature
+    other: float  # direct effect of the rest of the final residual: SAE error, b_dec, position 0 and later blocks
+    constant: float  # norm bias and lm_head bias
+    top: list[Contribution]  # largest contributions, descending
+    bottom: list[Contribution]  # most negative, ascending
 
 
 @torch.inference_mode()
-def attribute(sae: SAE, lm: LoadedModel, prompt: str, target: str | int, position: int = -1, n: int = 10) -> PromptAttribution:
+def attribute(
+    sae: SAE, lm: LoadedModel, prompt: str, target: str | int, position: int = -1, n: int = 10
+) -> PromptAttribution:
     """Features ranked by activation × direct effect on the `target` logit predicted at `position` of `prompt`."""
     ids = prompt_ids(lm, prompt)
     T = ids.shape[1]
     pos = position + T if position < 0 else position
     if not 1 <= pos < T:
-        raise UserError(f"position {position} is not one the SAE reads in this {T}-token prompt (the first token is "
-                        "never encoded); give a longer prompt or a position from 1 to T-1.")
+        raise UserError(
+            f"position {position} is not one the SAE reads in this {T}-token prompt (the first token is "
+            "never encoded); give a longer prompt or a position from 1 to T-1."
+        )
     tid = token_id(lm, target)
     unembed = unembedding(lm)
     acts, x, final, logits = run_prompt(sae, lm, ids)
@@ -208,17 +222,26 @@ def attribute(sae: SAE, lm: LoadedModel, prompt: str, target: str | int, positio
     contrib = acts[pos].to(effect.device) * effect
     features_total = float(contrib.sum())
     feature_part = acts[pos].to(W_dec.device) @ W_dec
-    other = float(unembed.logits((final[pos].to(W_dec.device) - feature_part))[..., tid] / scale)
+    other = float(unembed.logits(final[pos].to(W_dec.device) - feature_part)[..., tid] / scale)
 
     def row(f: int) -> Contribution:
         return Contribution(int(f), float(acts[pos, f]), float(effect[f]), float(contrib[f]))
+
     order = contrib.argsort(descending=True)
     top = [row(f) for f in order[:n] if contrib[f] > 0]
     bottom = [row(f) for f in order.flip(0)[:n] if contrib[f] < 0]
     return PromptAttribution(
-        tokens=[lm.tokenizer.decode([i]) for i in ids[0].tolist()], position=pos, target=tid,
-        target_token=lm.tokenizer.decode([tid]), logit=float(logits[pos, tid]), features=features_total, other=other,
-        constant=float(unembed.bias[tid]), top=top, bottom=bottom)
+        tokens=[lm.tokenizer.decode([i]) for i in ids[0].tolist()],
+        position=pos,
+        target=tid,
+        target_token=lm.tokenizer.decode([tid]),
+        logit=float(logits[pos, tid]),
+        features=features_total,
+        other=other,
+        constant=float(unembed.bias[tid]),
+        top=top,
+        bottom=bottom,
+    )
 
 
 def _target_effect(unembed: Unembed, W_dec: Tensor, tid: int) -> Tensor:

@@ -11,9 +11,9 @@ is left alone; single-token forwards (generation with a KV cache) are all steere
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor
 from activations.errors import UserError
 from activations.hookpoints import parse_hook, patched
 from activations.models import LoadedModel
+from analysis.heldout import check_sae_fits
 from analysis.logits import decoder_directions, feature_logit_weights, prompt_ids
 from sae.base import SAE
 
@@ -30,29 +31,29 @@ def _strengths(features: Sequence[int], strength: float | Sequence[float]) -> li
     if isinstance(strength, (int, float)):
         return [float(strength)] * len(features)
     if len(strength) != len(features):
-        raise UserError(f"got {len(strength)} strengths for {len(features)} features; give one strength, or one per feature.")
+        raise UserError(
+            f"got {len(strength)} strengths for {len(features)} features; give one strength, or one per feature."
+        )
     return [float(s) for s in strength]
 
 
 def _check(sae: SAE, lm: LoadedModel, features: Sequence[int]) -> None:
     if not features:
         raise UserError("no feature to steer with; give at least one feature index.")
-    if sae.cfg.d_in != lm.d_model:
-        raise UserError(f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model}; "
-                        f"steer the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}).")
+    check_sae_fits(sae, lm)
 
 
 def steer_fn(sae: SAE, features: Sequence[int], strength: float | Sequence[float], clamp: bool = False):
     """The hook function `act [B, T, d] -> steered act` that `steering` installs."""
     values = torch.tensor(_strengths(features, strength), device=sae.device)
-    dirs = decoder_directions(sae, list(features))                       # [n, d] raw space per unit activation
+    dirs = decoder_directions(sae, list(features))  # [n, d] raw space per unit activation
     idx = torch.tensor(list(features), device=sae.device)
-    added = values @ dirs                                                # [d]
+    added = values @ dirs  # [d]
 
     def fn(act: Tensor) -> Tensor:
         if clamp:
             with torch.no_grad():
-                now = sae.encode_raw(act.to(sae.device, torch.float32))[..., idx].float()   # [B, T, n]
+                now = sae.encode_raw(act.to(sae.device, torch.float32))[..., idx].float()  # [B, T, n]
             delta = (values - now) @ dirs
         else:
             delta = added.expand_as(act)
@@ -60,12 +61,14 @@ def steer_fn(sae: SAE, features: Sequence[int], strength: float | Sequence[float
             delta = delta.clone()
             delta[:, 0] = 0
         return act + delta.to(act.device, act.dtype)
+
     return fn
 
 
 @contextmanager
-def steering(lm: LoadedModel, sae: SAE, features: Sequence[int], strength: float | Sequence[float],
-             clamp: bool = False) -> Iterator[None]:
+def steering(
+    lm: LoadedModel, sae: SAE, features: Sequence[int], strength: float | Sequence[float], clamp: bool = False
+) -> Iterator[None]:
     """Add `strength × direction` of each feature (or clamp each to `strength`) at the SAE's hook inside the block."""
     _check(sae, lm, features)
     hp = parse_hook(sae.cfg.hook_name, lm.model)
@@ -81,29 +84,41 @@ def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 40, temperature
     ids = prompt_ids(lm, prompt)
     torch.manual_seed(seed)
     sample = temperature > 0
-    out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                            do_sample=sample, temperature=temperature if sample else None,
-                            pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = lm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id,
+    )
+    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @dataclass
 class SteeringEffect:
     """How steering moved the log-probabilities of the features' promoted (and suppressed) tokens."""
 
-    promoted: list[str]          # the tokens measured: top promoted by the steering's direct logit weights
-    suppressed: list[str]        # and the most suppressed
-    logprob_clean: float         # mean log-prob of the promoted tokens, over every steered position of every prompt
+    promoted: list[str]  # the tokens measured: top promoted by the steering's direct logit weights
+    suppressed: list[str]  # and the most suppressed
+    logprob_clean: float  # mean log-prob of the promoted tokens, over every steered position of every prompt
     logprob_steered: float
-    delta: float                 # logprob_steered - logprob_clean
-    delta_suppressed: float      # the same for the suppressed tokens
+    delta: float  # logprob_steered - logprob_clean
+    delta_suppressed: float  # the same for the suppressed tokens
     delta_per_token: list[float]  # per promoted token
-    positions: int               # prediction positions averaged over
+    positions: int  # prediction positions averaged over
 
 
 @torch.inference_mode()
-def measure_effect(lm: LoadedModel, sae: SAE, features: Sequence[int], strength: float | Sequence[float],
-                   prompts: Sequence[str], n_tokens: int = 10, clamp: bool = False) -> SteeringEffect:
+def measure_effect(
+    lm: LoadedModel,
+    sae: SAE,
+    features: Sequence[int],
+    strength: float | Sequence[float],
+    prompts: Sequence[str],
+    n_tokens: int = 10,
+    clamp: bool = False,
+) -> SteeringEffect:
     """Mean change in log-prob of the steering's top promoted tokens over `prompts` (next-token predictions
     at every steered position). Tokens are ranked by Σ strength × the features' direct logit weights."""
     _check(sae, lm, features)
@@ -130,6 +145,12 @@ def measure_effect(lm: LoadedModel, sae: SAE, features: Sequence[int], strength:
     mean = sums / n
     decode = lambda ids: [lm.tokenizer.decode([int(i)]) for i in ids]  # noqa: E731
     return SteeringEffect(
-        promoted=decode(up), suppressed=decode(down), logprob_clean=float(mean[0].mean()), logprob_steered=float(mean[1].mean()),
-        delta=float((mean[1] - mean[0]).mean()), delta_suppressed=float((mean[3] - mean[2]).mean()),
-        delta_per_token=(mean[1] - mean[0]).tolist(), positions=n)
+        promoted=decode(up),
+        suppressed=decode(down),
+        logprob_clean=float(mean[0].mean()),
+        logprob_steered=float(mean[1].mean()),
+        delta=float((mean[1] - mean[0]).mean()),
+        delta_suppressed=float((mean[3] - mean[2]).mean()),
+        delta_per_token=(mean[1] - mean[0]).tolist(),
+        positions=n,
+    )

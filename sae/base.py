@@ -6,9 +6,8 @@ training code (`train_code`) and extra loss terms (`aux_losses`); everything els
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,23 @@ class TrainOutput:
     fired: Tensor  # BoolTensor [d_sae]
     l0: Tensor  # scalar: mean number of nonzero latents per token
 
+    @classmethod
+    def from_terms(cls, x_hat: Tensor, terms: dict[str, Tensor], fired: Tensor, l0: Tensor) -> TrainOutput:
+        """The output of a step whose loss is the sum of the weighted `terms` (kept detached in `losses`)."""
+        return cls(
+            x_hat=x_hat,
+            loss=sum(terms.values()),
+            losses={name: value.detach() for name, value in terms.items()},
+            fired=fired,
+            l0=l0.detach(),
+        )
+
+
+# How to compute a loss denominator: x [B, d] -> sum of squared deviations of x from its mean. None means this
+# batch's own (local_variance); data-parallel training passes the rank's share of the global batch's variance
+# (training.distributed.global_variance_share) so the ranks' losses average to the one-process loss.
+Variance = Callable[[Tensor], Tensor]
+
 
 @dataclass
 class Code:
@@ -55,44 +71,45 @@ class Code:
         return (self.acts != 0).sum(dim=-1).float().mean()
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: sum((x - x_hat)^2) / sum((x - x.mean(0))^2), in float32.
-
-    Scale-free (1.0 = predicting the batch mean), so loss coefficients transfer across models/layers.
-    """
-    x, x_hat = x.float(), x_hat.float()
-    total = _batch_variance(x)
-    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
-
-
 def local_variance(x: Tensor) -> Tensor:
-    """sum((x - x.mean(0))^2) over this process's batch: the denominator of fvu() and penalty()."""
+    """sum((x - x.mean(0))^2) over this process's batch: the default denominator of fvu() and penalty()."""
     return (x - x.mean(dim=0)).pow(2).sum()
 
 
-# The batch-variance function fvu() and penalty() divide by. Data-parallel training swaps in the
-# variance of the global batch across ranks (training/distributed.py), so the ranks' losses average
-# to exactly the one-process loss on the whole batch.
-_batch_variance: Callable[[Tensor], Tensor] = local_variance
+def denominator(x: Tensor, variance: Variance | None = None) -> Tensor:
+    """The float32 loss denominator of x: variance(x), or this batch's own local_variance(x) when None."""
+    x = x.float()
+    return local_variance(x) if variance is None else variance(x)
 
 
-@contextmanager
-def batch_variance(fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within this block fvu() and penalty() divide by fn(x) instead of local_variance(x)."""
-    global _batch_variance
-    previous, _batch_variance = _batch_variance, fn
-    try:
-        yield
-    finally:
-        _batch_variance = previous
+@dataclass
+class ForwardPass:
+    """What the training forward computed, handed to an architecture's extra loss terms (SAE.aux_losses)."""
+
+    x: Tensor  # [B, d_in] the input
+    target: Tensor  # [B, d_out] what is reconstructed: x, or a transcoder's output hook
+    x_hat: Tensor  # [B, d_out] the reconstruction
+    pre: Tensor  # [B, d_sae] pre-activations
+    code: Code  # the latent activations
 
 
-def penalty(per_token: Tensor, target: Tensor) -> Tensor:
-    """Mean of a per-token penalty [B] divided by FVU's denominator (the target's mean squared deviation
-    per token), so coefficients keep their SAELens meaning: FVU + penalty = (summed MSE + coef * term) / var."""
+def fvu(x: Tensor, x_hat: Tensor, variance: Tensor | None = None) -> Tensor:
+    """Fraction of variance unexplained: sum((x - x_hat)^2) / variance, in float32.
+
+    variance: the denominator (see denominator()); None: this batch's own, sum((x - x.mean(0))^2).
+    Scale-free (1.0 = predicting the batch mean), so loss coefficients transfer across models/layers.
+    """
+    x, x_hat = x.float(), x_hat.float()
+    total = local_variance(x) if variance is None else variance
+    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def penalty(per_token: Tensor, target: Tensor, variance: Tensor | None = None) -> Tensor:
+    """Mean of a per-token penalty [B] divided by FVU's denominator per token (`variance`, default the target's
+    own, over len(target)), so coefficients keep their SAELens meaning: FVU + penalty = (MSE + coef * term) / var."""
     target = target.float()
-    variance = _batch_variance(target) / len(target)
-    return per_token.float().mean() / variance.clamp_min(torch.finfo(torch.float32).tiny)
+    total = local_variance(target) if variance is None else variance
+    return per_token.float().mean() / (total / len(target)).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class SAE(nn.Module):
@@ -192,44 +209,48 @@ class SAE(nn.Module):
         warmup = self.cfg.sparsity_warmup_fraction
         return coefficient if warmup <= 0 else coefficient * min(1.0, self.progress / warmup)
 
-    def l1_penalty(self, acts: Tensor, target: Tensor) -> Tensor:
+    def l1_penalty(self, acts: Tensor, target: Tensor, variance: Variance | None = None) -> Tensor:
         """Warmed-up l1_coefficient * sum_i f_i ||W_dec_i|| (Anthropic, April 2024), as a term added to FVU."""
         weighted = (acts.float() * self.W_dec.float().norm(dim=1)).sum(dim=-1)
-        return self.warmed_up(self.cfg.l1_coefficient) * penalty(weighted, target)
+        return self.warmed_up(self.cfg.l1_coefficient) * penalty(weighted, target, denominator(target, variance))
 
     def aux_losses(
-        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+        self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
-        """Architecture-specific loss terms, already weighted by their coefficients; default none."""
+        """Architecture-specific loss terms, already weighted by their coefficients; default none.
+
+        variance is training_forward's: pass denominator(..., variance) to every fvu() and penalty()."""
         return {}
 
-    def training_forward(
-        self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None
-    ) -> TrainOutput:
-        """One training forward pass on x [B, d_in] (B >= 2); loss = FVU + architecture terms.
-
-        dead_mask (BoolTensor [d_sae], optional) marks latents the trainer considers dead.
-        target defaults to x (a transcoder passes a different target).
-        """
+    def check_train_input(self, x: Tensor) -> None:
+        """Raise a UserError unless x is a [batch, d_in] tensor with batch >= 2 (FVU needs a batch mean)."""
         if x.ndim != 2 or x.shape[0] < 2:
             raise UserError(
                 f"training_forward needs a [batch, d_in] tensor with batch >= 2, got shape {tuple(x.shape)}; "
                 "flatten tokens into the batch dimension and use a larger batch size"
             )
+
+    def training_forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
+        variance: Variance | None = None,
+    ) -> TrainOutput:
+        """One training forward pass on x [B, d_in] (B >= 2); loss = FVU + architecture terms.
+
+        dead_mask (BoolTensor [d_sae], optional) marks latents the trainer considers dead.
+        target defaults to x (a transcoder passes a different target).
+        variance computes every loss denominator (see Variance); None: this batch's own.
+        """
+        self.check_train_input(x)
         target = x if target is None else target.to(self.dtype)
         pre = self.encode_pre(x)
         code = self.train_code(pre)
         x_hat = self.decode_code(code)
-        terms = {"fvu": fvu(target, x_hat)}
-        terms.update(self.aux_losses(x, target, x_hat, pre, code, dead_mask))
-        loss = sum(terms.values())
-        return TrainOutput(
-            x_hat=x_hat,
-            loss=loss,
-            losses={name: value.detach() for name, value in terms.items()},
-            fired=code.fired(self.cfg.d_sae),
-            l0=code.l0().detach(),
-        )
+        terms = {"fvu": fvu(target, x_hat, denominator(target, variance))}
+        terms.update(self.aux_losses(ForwardPass(x, target, x_hat, pre, code), dead_mask, variance))
+        return TrainOutput.from_terms(x_hat, terms, code.fired(self.cfg.d_sae), code.l0())
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:

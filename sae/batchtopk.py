@@ -14,13 +14,13 @@ from torch import Tensor
 from activations.errors import UserError
 from sae.base import Code
 from sae.config import SAEConfig
-from sae.registry import register
 from sae.topk import TopKSAE
 
 
-@register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     """TopK over the batch while training, a learned global threshold at inference; AuxK as TopK."""
+
+    architecture = "batchtopk"
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """TopK's checks and init, plus the `threshold` buffer (0 until the first training batch)."""

@@ -25,8 +25,14 @@ DTYPES: dict[str, torch.dtype] = {
 SAELENS_ARCHITECTURES = {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
 # A plain SAELens cfg.json's architecture -> the saelab one that encodes identically (sae.saelens converts
 # the tensors; batchtopk/matryoshka_batchtopk are SAELens training checkpoints, inferred with a threshold).
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-                "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+FROM_SAELENS = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
+}
 
 # SAELens >= 6 treats a cfg.json without a version as pre-6.0 and drops its `metadata`; we write
 # the format of 6.0 so SAELens reads our metadata as written.
@@ -37,9 +43,7 @@ def torch_dtype(name: str) -> torch.dtype:
     """Map a cfg dtype name ("float32", "torch.bfloat16", ...) to a torch dtype, or UserError."""
     key = str(name).removeprefix("torch.")
     if key not in DTYPES:
-        raise UserError(
-            f"unknown SAE dtype {name!r}; use one of {', '.join(DTYPES)} in the config / cfg.json"
-        )
+        raise UserError(f"unknown SAE dtype {name!r}; use one of {', '.join(DTYPES)} in the config / cfg.json")
     return DTYPES[key]
 
 
@@ -101,7 +105,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
+    def from_dict(cls, d: dict) -> SAEConfig:
         """Inverse of to_dict; keys that are not fields are kept in `extra` rather than dropped."""
         for name in ("d_in", "d_sae"):
             if name not in d:
@@ -140,13 +144,14 @@ class SAEConfig:
         if self.architecture == "topk":
             out["k"] = self.k
         if self.architecture == "transcoder":
-            out.update(d_out=self.d_out or self.d_in, hook_name_out=self.hook_name_out,
-                       hook_layer_out=self.hook_layer_out)
+            out.update(
+                d_out=self.d_out or self.d_in, hook_name_out=self.hook_name_out, hook_layer_out=self.hook_layer_out
+            )
         out["saelab"] = self.to_dict()
         return out
 
     @classmethod
-    def from_file_dict(cls, d: dict) -> "SAEConfig":
+    def from_file_dict(cls, d: dict) -> SAEConfig:
         """Read a cfg.json dict: our `saelab` section if present, else the fields a plain SAELens cfg has."""
         if isinstance(d.get("saelab"), dict):
             return cls.from_dict(d["saelab"])
@@ -157,8 +162,21 @@ class SAEConfig:
             value = meta.get(key, d.get(key))
             return default if value is None else value
 
-        used = {"architecture", "d_in", "d_sae", "dtype", "k", "metadata", "meta", "model_name",
-                "hook_name", "hook_layer", "context_size", "prepend_bos", "dataset_path"}
+        used = {
+            "architecture",
+            "d_in",
+            "d_sae",
+            "dtype",
+            "k",
+            "metadata",
+            "meta",
+            "model_name",
+            "hook_name",
+            "hook_layer",
+            "context_size",
+            "prepend_bos",
+            "dataset_path",
+        }
         plain = {
             "d_in": d.get("d_in"),
             "d_sae": d.get("d_sae"),

@@ -25,13 +25,13 @@ def fold_norm_scale(sae: SAE) -> SAE:
     folded = copy.deepcopy(sae)
     cfg = folded.cfg
     s_in = float(cfg.norm_scale)
-    transcoder = cfg.architecture == "transcoder"   # its decoder writes into the output hook's space
+    transcoder = cfg.architecture == "transcoder"  # its decoder writes into the output hook's space
     s_out = float(cfg.norm_scale_out) if transcoder else s_in
     if s_in == 1.0 and s_out == 1.0:
         return folded
     folded.W_enc.mul_(s_in)
     folded.W_dec.div_(s_out)
-    folded.b_dec.div_(s_out)   # for an SAE this also un-scales the input centring, as derived above
+    folded.b_dec.div_(s_out)  # for an SAE this also un-scales the input centring, as derived above
     cfg.extra = {**cfg.extra, "folded_norm_scale": s_in}
     cfg.norm_scale = 1.0
     if transcoder:

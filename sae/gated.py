@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae.base import SAE, Code, fvu
+from sae.base import SAE, ForwardPass, Variance, denominator, fvu
 from sae.config import SAEConfig
-from sae.registry import register
 
 
-@register("gated")
 class GatedSAE(SAE):
     """Gated SAE with SAELens parameter names: W_enc, W_dec, b_gate, b_mag, r_mag, b_dec (no b_enc)."""
+
+    architecture = "gated"
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """The shared tied init; b_enc is replaced by the gate and magnitude biases, r_mag starts at 0."""
@@ -37,9 +37,12 @@ class GatedSAE(SAE):
         return magnitude * (pre + self.b_gate > 0).to(magnitude.dtype)
 
     def aux_losses(
-        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+        self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
         """{"l1": L1 of ReLU(gate pre-acts), "aux": FVU of their reconstruction with W_dec, b_dec frozen}."""
-        gate = (pre + self.b_gate).relu()
+        gate = (fp.pre + self.b_gate).relu()
         x_hat_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
-        return {"l1": self.l1_penalty(gate, target), "aux": fvu(target, x_hat_gate)}
+        return {
+            "l1": self.l1_penalty(gate, fp.target, variance),
+            "aux": fvu(fp.target, x_hat_gate, denominator(fp.target, variance)),
+        }

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from activations.errors import UserError
-from sae.base import SAE, Code, penalty
+from sae.base import SAE, Code, ForwardPass, Variance, denominator, penalty
 from sae.config import SAEConfig
-from sae.registry import register
 
 
 def _window(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -69,9 +68,10 @@ class Step(torch.autograd.Function):
         return None, dtheta.to(ctx.theta_dtype), None
 
 
-@register("jumprelu")
 class JumpReLUSAE(SAE):
     """JumpReLU SAE with per-latent `threshold` [d_sae], L0 penalty and optional pre-activation loss."""
+
+    architecture = "jumprelu"
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """The shared tied init plus every threshold at jumprelu_init_threshold."""
@@ -91,14 +91,17 @@ class JumpReLUSAE(SAE):
         return Code(JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth))
 
     def aux_losses(
-        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+        self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
         """{"l0": warmed-up l0_coefficient * L0 (STE)} plus, when pre_act_loss_coefficient > 0,
         {"pre_act": Anthropic's sum over dead latents of ReLU(theta - z) * ||W_dec_i||}."""
-        l0 = Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(dim=-1)
-        terms = {"l0": self.warmed_up(self.cfg.l0_coefficient) * penalty(l0, target)}
+        l0 = Step.apply(fp.pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(dim=-1)
+        terms = {
+            "l0": self.warmed_up(self.cfg.l0_coefficient) * penalty(l0, fp.target, denominator(fp.target, variance))
+        }
         if self.cfg.pre_act_loss_coefficient > 0:
-            dead = pre.new_zeros(self.cfg.d_sae) if dead_mask is None else dead_mask.to(pre.device, pre.dtype)
-            below = (self.threshold.relu() - pre).relu() * dead * self.W_dec.norm(dim=1)
-            terms["pre_act"] = self.cfg.pre_act_loss_coefficient * penalty(below.sum(dim=-1), target)
+            dead = fp.pre.new_zeros(self.cfg.d_sae) if dead_mask is None else dead_mask.to(fp.pre.device, fp.pre.dtype)
+            below = (self.threshold.relu() - fp.pre).relu() * dead * self.W_dec.norm(dim=1)
+            pre_act = penalty(below.sum(dim=-1), fp.target, denominator(fp.target, variance))
+            terms["pre_act"] = self.cfg.pre_act_loss_coefficient * pre_act
         return terms

@@ -109,13 +109,34 @@ def _topk_triton(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if rows == 0:
         return values, indices
     scratch = torch.empty(rows, 4 * kp, dtype=torch.int64, device=pre.device)
-    _topk_kernel[(rows,)](pre, values, indices, scratch, n, pre.stride(0), K=k, KP=kp, SUB=_SUB,
-                            CAP=4 * kp, num_warps=4 if kp <= 32 else 8)
+    _topk_kernel[(rows,)](
+        pre,
+        values,
+        indices,
+        scratch,
+        n,
+        pre.stride(0),
+        K=k,
+        KP=kp,
+        SUB=_SUB,
+        CAP=4 * kp,
+        num_warps=4 if kp <= 32 else 8,
+    )
     return values, indices
 
 
-def _topk_rows(pre_ptr, val_ptr, idx_ptr, scratch_ptr, n_cols, stride_row,
-               K: tl.constexpr, KP: tl.constexpr, SUB: tl.constexpr, CAP: tl.constexpr):
+def _topk_rows(
+    pre_ptr,
+    val_ptr,
+    idx_ptr,
+    scratch_ptr,
+    n_cols,
+    stride_row,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    SUB: tl.constexpr,
+    CAP: tl.constexpr,
+):
     """Top-K of one row in two reads, for K << n_cols (KP = next power of two >= K).
 
     1. t = the K-th largest of the maxima of SUB-wide blocks; K blocks reach t, so >= K entries are >= t,
@@ -202,16 +223,19 @@ def encoder_backward_mode(device: torch.device | str, d_sae: int, k: int) -> str
     forced = os.environ.get("SAELAB_ENCODER_BACKWARD")
     if forced:
         if forced not in ENCODER_BACKWARDS:
-            raise UserError(f"SAELAB_ENCODER_BACKWARD={forced!r} is not one of {', '.join(ENCODER_BACKWARDS)}; "
-                            "set it to one of them or unset it")
+            raise UserError(
+                f"SAELAB_ENCODER_BACKWARD={forced!r} is not one of {', '.join(ENCODER_BACKWARDS)}; "
+                "set it to one of them or unset it"
+            )
         return forced
     if torch.device(device).type == "cuda":
         return "sparse"
     return "sparse" if d_sae >= CPU_SPARSE_MIN_RATIO * k else "dense"
 
 
-def encoder_values(pre: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,
-                   mode: str | None = None) -> Tensor:
+def encoder_values(
+    pre: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, mode: str | None = None
+) -> Tensor:
     """pre[b, idx[b, j]] as [B, m] values (in W_enc's dtype), differentiable in x, W_enc, b_enc, b_dec.
 
     `pre` = (x - b_dec) @ W_enc + b_enc computed without autograd (b_dec None: no centring); each row
@@ -230,8 +254,9 @@ class _EncoderValues(torch.autograd.Function):
     [B, m] gradient of those values (see encoder_grads)."""
 
     @staticmethod
-    def forward(ctx: Any, pre: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor,
-                b_dec: Tensor | None, mode: str) -> Tensor:
+    def forward(
+        ctx: Any, pre: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, mode: str
+    ) -> Tensor:
         ctx.save_for_backward(idx, x, W_enc, b_dec)
         ctx.mode, ctx.compute_dtype = mode, pre.dtype
         return pre.gather(-1, idx).to(W_enc.dtype)
@@ -247,12 +272,29 @@ class _EncoderValues(torch.autograd.Function):
         if need_b_dec:  # x_c = x - b_dec, so grad b_dec = -sum_b grad x_c[b] = -W_enc @ grad b_enc
             grad_b_dec = -grad_xc.sum(0) if need_x else -(W_enc @ grad_b_enc)
             grad_b_dec = grad_b_dec.to(b_dec.dtype)
-        return (None, None, grad_xc.to(x.dtype) if need_x else None, grad_W if need_W else None,
-                grad_b_enc.to(W_enc.dtype) if need_b_enc else None, grad_b_dec, None)
+        return (
+            None,
+            None,
+            grad_xc.to(x.dtype) if need_x else None,
+            grad_W if need_W else None,
+            grad_b_enc.to(W_enc.dtype) if need_b_enc else None,
+            grad_b_dec,
+            None,
+        )
 
 
-def encoder_grads(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, *, need_x: bool,
-                  need_W: bool, mode: str, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def encoder_grads(
+    grad: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    *,
+    need_x: bool,
+    need_W: bool,
+    mode: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(grad W_enc [d_in, d_sae], grad b_enc [d_sae], grad x_c [B, d_in]) for G = grad scattered at idx.
 
     "sparse": grad W_enc = x_c^T G as a CSR product over (latent, token) pairs sorted by latent, and
@@ -265,8 +307,17 @@ def encoder_grads(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: Te
     return _encoder_grads(grad, idx, x, W_enc, b_dec, need_x, need_W, mode, compute_dtype)
 
 
-def _encoder_grads(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_x: bool,
-                   need_W: bool, mode: str, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _encoder_grads(
+    grad: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_x: bool,
+    need_W: bool,
+    mode: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
     rows, m = idx.shape
     d_sae = W_enc.shape[1]
     grad = grad.to(W_enc.dtype)
@@ -274,7 +325,9 @@ def _encoder_grads(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: T
     grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, flat_grad)
     grad_W, grad_xc = grad.new_empty(0), grad.new_empty(0)
     if mode == "dense":
-        G = torch.zeros(rows, d_sae, dtype=compute_dtype, device=grad.device).scatter_add_(1, idx, grad.to(compute_dtype))
+        G = torch.zeros(rows, d_sae, dtype=compute_dtype, device=grad.device).scatter_add_(
+            1, idx, grad.to(compute_dtype)
+        )
         if need_W:
             x_c = x.to(W_enc.dtype) - b_dec if b_dec is not None else x.to(W_enc.dtype)
             grad_W = (x_c.to(compute_dtype).T @ G).to(W_enc.dtype)
@@ -288,20 +341,32 @@ def _encoder_grads(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: T
             x_c = x.to(acc) - b_dec.to(acc) if b_dec is not None else x.to(acc)
             latents, order = torch.sort(flat_idx, stable=True)
             crow = torch.searchsorted(latents, torch.arange(d_sae + 1, device=idx.device))
-            Gt = torch.sparse_csr_tensor(crow, order // m, flat_grad[order].to(acc), (d_sae, rows), check_invariants=False)
+            Gt = torch.sparse_csr_tensor(
+                crow, order // m, flat_grad[order].to(acc), (d_sae, rows), check_invariants=False
+            )
             grad_W = (Gt @ x_c).t().contiguous().to(W_enc.dtype)
         if need_x:  # rows of G are tokens, m entries each (columns sorted within a row)
             cols, order = idx.sort(dim=1)
             crow = torch.arange(0, rows * m + 1, m, device=idx.device)
-            G = torch.sparse_csr_tensor(crow, cols.reshape(-1), grad.gather(1, order).reshape(-1).to(acc),
-                                        (rows, d_sae), check_invariants=False)
+            G = torch.sparse_csr_tensor(
+                crow, cols.reshape(-1), grad.gather(1, order).reshape(-1).to(acc), (rows, d_sae), check_invariants=False
+            )
             grad_xc = (G @ W_enc.t().to(acc)).to(W_enc.dtype)
     return grad_W, grad_b_enc, grad_xc
 
 
 @torch.library.custom_op("saelab::encoder_grads", mutates_args=())
-def _encoder_grads_op(grad: Tensor, idx: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_x: bool,
-                      need_W: bool, mode: str, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _encoder_grads_op(
+    grad: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_x: bool,
+    need_W: bool,
+    mode: str,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _encoder_grads(grad, idx, x, W_enc, b_dec, need_x, need_W, mode, compute_dtype)
 
 

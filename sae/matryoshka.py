@@ -13,10 +13,9 @@ import torch
 from torch import Tensor
 
 from activations.errors import UserError
-from sae.base import Code, fvu
+from sae.base import ForwardPass, Variance, denominator, fvu
 from sae.batchtopk import BatchTopKSAE
 from sae.config import SAEConfig
-from sae.registry import register
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -36,9 +35,10 @@ def parse_prefixes(value: str | list | None) -> list[int] | None:
         ) from None
 
 
-@register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
     """BatchTopK SAE whose nested prefixes (self.prefixes, ending at d_sae) each reconstruct the input."""
+
+    architecture = "matryoshka"
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """Check the prefix sizes (strictly increasing, within 1..d_sae; d_sae is appended if missing)."""
@@ -54,14 +54,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefixes = prefixes if prefixes[-1] == cfg.d_sae else prefixes + [cfg.d_sae]
 
     def aux_losses(
-        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+        self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
         """AuxK plus {"fvu_<m>": FVU of the first m latents' reconstruction} for each prefix m < d_sae
         (the full dictionary's FVU is the base "fvu" term)."""
-        terms = super().aux_losses(x, target, x_hat, pre, code, dead_mask)
+        terms = super().aux_losses(fp, dead_mask, variance)
         partial, start = self.b_dec, 0
         for end in self.prefixes[:-1]:
-            partial = partial + code.acts[:, start:end] @ self.W_dec[start:end]
-            terms[f"fvu_{end}"] = fvu(target, partial)
+            partial = partial + fp.code.acts[:, start:end] @ self.W_dec[start:end]
+            terms[f"fvu_{end}"] = fvu(fp.target, partial, denominator(fp.target, variance))
             start = end
         return terms

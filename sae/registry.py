@@ -1,33 +1,28 @@
 """Architecture name -> SAE class, and make_sae(cfg) to build one.
 
-Each architecture module registers itself with @register("name"); the imports at the bottom of
-this file load the built-in ones, so importing sae.registry is enough to see them all.
+ARCHITECTURES is the one table of built-in architectures; each class names itself with its `architecture`
+class attribute (the cfg.json "architecture" value). Add a new architecture by importing it here.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
 from activations.errors import UserError
 from sae.base import SAE
+from sae.batchtopk import BatchTopKSAE
 from sae.config import SAEConfig
+from sae.gated import GatedSAE
+from sae.jumprelu import JumpReLUSAE
+from sae.matryoshka import MatryoshkaSAE
+from sae.relu import ReLUSAE
+from sae.topk import TopKSAE
+from sae.transcoder import TranscoderSAE
 
-ARCHITECTURES: dict[str, type[SAE]] = {}
-
-
-def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
-    """Class decorator: make `name` (the cfg.json "architecture" value) build this SAE class."""
-
-    def add(cls: type[SAE]) -> type[SAE]:
-        if name in ARCHITECTURES and ARCHITECTURES[name] is not cls:
-            raise ValueError(f"architecture {name!r} is registered twice ({ARCHITECTURES[name]} and {cls})")
-        cls.architecture = name
-        ARCHITECTURES[name] = cls
-        return cls
-
-    return add
+ARCHITECTURES: dict[str, type[SAE]] = {
+    cls.architecture: cls
+    for cls in (TopKSAE, ReLUSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE, MatryoshkaSAE, TranscoderSAE)
+}
 
 
 def get_architecture(name: str) -> type[SAE]:
@@ -43,13 +38,3 @@ def get_architecture(name: str) -> type[SAE]:
 def make_sae(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
     """A freshly initialised SAE of cfg.architecture (seed with torch.manual_seed first)."""
     return get_architecture(cfg.architecture)(cfg, device=device)
-
-
-# Built-in architectures: each import registers one. Add new architecture modules here.
-import sae.topk  # noqa: E402,F401
-import sae.relu  # noqa: E402,F401
-import sae.batchtopk  # noqa: E402,F401
-import sae.jumprelu  # noqa: E402,F401
-import sae.gated  # noqa: E402,F401
-import sae.matryoshka  # noqa: E402,F401
-import sae.transcoder  # noqa: E402,F401

@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.base import SAE, Code
+from sae.base import SAE, ForwardPass, Variance
 from sae.config import SAEConfig
-from sae.registry import register
 
 DECODER_INIT_NORM = 0.1  # Anthropic: random decoder directions of a small fixed norm, W_enc = W_dec^T
 
 
-@register("relu")
 class ReLUSAE(SAE):
     """Dense ReLU activations; sparsity comes only from the L1 penalty."""
+
+    architecture = "relu"
 
     unit_norm_decoder = False
 
@@ -35,7 +35,7 @@ class ReLUSAE(SAE):
         return pre.relu()
 
     def aux_losses(
-        self, x: Tensor, target: Tensor, x_hat: Tensor, pre: Tensor, code: Code, dead_mask: Tensor | None
+        self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
         """{"l1": warmed-up, decoder-norm-weighted L1 of the activations}."""
-        return {"l1": self.l1_penalty(code.acts, target)}
+        return {"l1": self.l1_penalty(fp.code.acts, fp.target, variance)}

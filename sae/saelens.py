@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from activations.errors import UserError
 from sae.base import SAE
 from sae.config import FROM_SAELENS, SAEConfig
+from sae.fold import fold_norm_scale
+from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, write_sae_folder
+from sae.registry import make_sae
 
-CFG_FILENAME = "cfg.json"
-WEIGHTS_FILENAME = "sae_weights.safetensors"
 # The tensors SAELens's inference class of each architecture loads (strictly).
 SAELENS_TENSORS = {
     "standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
@@ -44,6 +45,7 @@ def is_saelens_folder(folder: str | os.PathLike) -> bool:
 
 # ---- import ---------------------------------------------------------------------------------
 
+
 def _fail(folder: Path, problem: str) -> UserError:
     return UserError(f"{folder / CFG_FILENAME}: {problem}")
 
@@ -51,22 +53,27 @@ def _fail(folder: Path, problem: str) -> UserError:
 def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Load a SAELens 6.x SAE folder (standard, topk, jumprelu, gated; batchtopk and matryoshka_batchtopk
     training checkpoints) as the saelab SAE that encodes and decodes identically."""
-    from sae.io import _check_tensors   # sae.io dispatches here, so import it lazily
-    from sae.registry import make_sae
-
     folder = Path(folder)
     raw = json.loads((folder / CFG_FILENAME).read_text())
     arch = raw.get("architecture", "standard")
     if arch not in FROM_SAELENS:
-        raise _fail(folder, f"SAELens architecture {arch!r} has no saelab equivalent; saelab reads "
-                    f"{', '.join(FROM_SAELENS)}. Convert it with SAELens to one of those, or train it with saelab.")
+        raise _fail(
+            folder,
+            f"SAELens architecture {arch!r} has no saelab equivalent; saelab reads "
+            f"{', '.join(FROM_SAELENS)}. Convert it with SAELens to one of those, or train it with saelab.",
+        )
     norm = raw.get("normalize_activations", "none")
     if norm not in _INPUT_INDEPENDENT_NORMS:
-        raise _fail(folder, f"normalize_activations {norm!r} rescales every token inside SAELens, which saelab "
-                    "SAEs do not do; fold it into the weights in SAELens first, or use an SAE saved with 'none'.")
+        raise _fail(
+            folder,
+            f"normalize_activations {norm!r} rescales every token inside SAELens, which saelab "
+            "SAEs do not do; fold it into the weights in SAELens first, or use an SAE saved with 'none'.",
+        )
     path = folder / WEIGHTS_FILENAME
     if not path.is_file():
-        raise UserError(f"{path} is missing; point to the SAELens folder holding {CFG_FILENAME} and {WEIGHTS_FILENAME}.")
+        raise UserError(
+            f"{path} is missing; point to the SAELens folder holding {CFG_FILENAME} and {WEIGHTS_FILENAME}."
+        )
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
@@ -78,7 +85,7 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         raise _fail(folder, str(err)) from None
     tensors = _to_saelab_tensors(folder, arch, raw, tensors)
     sae = make_sae(cfg, device="meta")
-    _check_tensors(path, tensors, sae.state_dict())
+    check_tensors(path, tensors, sae.state_dict())
     sae.load_state_dict(tensors, assign=True)
     return sae.to(device)
 
@@ -88,12 +95,16 @@ def _to_saelab_tensors(folder: Path, arch: str, raw: dict, t: dict[str, torch.Te
     t = dict(t)
     missing = [name for name in ("W_enc", "W_dec", "b_dec") if name not in t]
     if missing:
-        raise UserError(f"{folder / WEIGHTS_FILENAME} is missing tensor(s) {', '.join(missing)}; "
-                        "re-copy it or check \"architecture\" in cfg.json.")
+        raise UserError(
+            f"{folder / WEIGHTS_FILENAME} is missing tensor(s) {', '.join(missing)}; "
+            're-copy it or check "architecture" in cfg.json.'
+        )
     if arch in ("batchtopk", "matryoshka_batchtopk"):
         if "topk_threshold" not in t:
-            raise UserError(f"{folder / WEIGHTS_FILENAME} has no topk_threshold for its {arch} cfg.json; re-save it "
-                            "with SAELens (save_inference_model) or check the architecture.")
+            raise UserError(
+                f"{folder / WEIGHTS_FILENAME} has no topk_threshold for its {arch} cfg.json; re-save it "
+                "with SAELens (save_inference_model) or check the architecture."
+            )
         threshold = t.pop("topk_threshold")
         t["threshold"] = torch.full_like(t["b_enc"], float(threshold))
     if raw.get("rescale_acts_by_decoder_norm") and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
@@ -103,7 +114,7 @@ def _to_saelab_tensors(folder: Path, arch: str, raw: dict, t: dict[str, torch.Te
         t["b_enc"] = t["b_enc"] * norms
         t["W_dec"] = t["W_dec"] / norms[:, None]
     if raw.get("apply_b_dec_to_input", True) is False:
-        shift = t["b_dec"] @ t["W_enc"]   # SAELens: x @ W_enc + b; ours subtracts b_dec first
+        shift = t["b_dec"] @ t["W_enc"]  # SAELens: x @ W_enc + b; ours subtracts b_dec first
         if arch == "gated":
             t["b_gate"] = t["b_gate"] + shift
             t["b_mag"] = t["b_mag"] + shift * t["r_mag"].exp()
@@ -114,33 +125,33 @@ def _to_saelab_tensors(folder: Path, arch: str, raw: dict, t: dict[str, torch.Te
 
 # ---- export ---------------------------------------------------------------------------------
 
+
 def export_saelens(sae: SAE, out: str | os.PathLike) -> Path:
     """Write `sae` as a SAELens 6.x folder with the normalisation scale folded in (it reads raw activations).
 
     cfg.json keeps our full config under "saelab" (SAELens ignores it), so saelab reloads the exact class.
     """
-    from sae.fold import fold_norm_scale
-    from sae.io import _atomic_write, save_sae
-
     if sae.cfg.architecture == "transcoder":
-        raise UserError("SAELens has no TopK transcoder (its transcoders are ReLU), so this SAE cannot be exported "
-                        "in SAELens format; use the run folder itself with saelab.")
+        raise UserError(
+            "SAELens has no TopK transcoder (its transcoders are ReLU), so this SAE cannot be exported "
+            "in SAELens format; use the run folder itself with saelab."
+        )
     folded = fold_norm_scale(sae)
     target = folded.cfg.to_saelens_dict()["architecture"]
     if target not in SAELENS_TENSORS:
-        raise UserError(f"architecture {sae.cfg.architecture!r} has no SAELens equivalent; "
-                        f"SAELens export covers {', '.join(sorted(SAELENS_TENSORS))}.")
+        raise UserError(
+            f"architecture {sae.cfg.architecture!r} has no SAELens equivalent; "
+            f"SAELens export covers {', '.join(sorted(SAELENS_TENSORS))}."
+        )
     names = set(folded.state_dict())
     if names != set(SAELENS_TENSORS[target]):
-        raise UserError(f"a {sae.cfg.architecture} SAE holds tensors {sorted(names)}, not the {sorted(SAELENS_TENSORS[target])} "
-                        f"SAELens's {target} loads; it cannot be exported in SAELens format.")
-    out = save_sae(folded, out)
-    cfg = json.loads((out / CFG_FILENAME).read_text())
+        raise UserError(
+            f"a {sae.cfg.architecture} SAE holds tensors {sorted(names)}, not the {sorted(SAELENS_TENSORS[target])} "
+            f"SAELens's {target} loads; it cannot be exported in SAELens format."
+        )
+    cfg = folded.cfg.to_saelens_dict()
     cfg["normalize_activations"] = "none"
     cfg["apply_b_dec_to_input"] = True
     if target == "topk":
         cfg["rescale_acts_by_decoder_norm"] = False
-    text = json.dumps(cfg, indent=2) + "\n"
-    _atomic_write(out / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
-    return out
-
+    return write_sae_folder(folded, out, cfg)

@@ -18,11 +18,12 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from activations.errors import UserError
-from sae.base import SAE, TrainOutput, fvu
+from sae.base import SAE, TrainOutput, Variance, denominator, fvu
 from sae.config import SAEConfig
 from sae.io import WEIGHTS_FILENAME, read_cfg, save_sae
 from sae.kernels import sparse_decode
 from sae.registry import make_sae
+from sae.topk import TopKSAE, auxk_loss
 
 # Which dimension of each parameter is split by latents (b_dec, absent here, is replicated).
 SHARD_DIM = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
@@ -73,20 +74,30 @@ class ShardedTopKSAE(SAE):
 
     architecture = "topk"
 
-    def __init__(self, cfg: SAEConfig, rank: int | None = None, world_size: int | None = None,
-                 device: torch.device | str | None = None, group=None):
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: torch.device | str | None = None,
+        group=None,
+    ):
         """Tied random init of this rank's slice (seed per rank for different slices)."""
         if cfg.architecture != "topk":
-            raise UserError(f"latent sharding supports the topk architecture, not {cfg.architecture!r}; "
-                            "train a topk SAE or drop the latent sharding")
+            raise UserError(
+                f"latent sharding supports the topk architecture, not {cfg.architecture!r}; "
+                "train a topk SAE or drop the latent sharding"
+            )
         nn.Module.__init__(self)
         self.cfg, self.group = cfg, group
         self.rank = dist.get_rank(group) if rank is None else rank
         self.world_size = dist.get_world_size(group) if world_size is None else world_size
         self.lo, self.hi = shard_range(cfg.d_sae, self.rank, self.world_size)
         if not 1 <= cfg.k <= cfg.d_sae or self.hi - self.lo < 1:
-            raise UserError(f"cannot shard d_sae={cfg.d_sae} latents with k={cfg.k} over {self.world_size} ranks; "
-                            "need 1 <= k <= d_sae and at least one latent per rank")
+            raise UserError(
+                f"cannot shard d_sae={cfg.d_sae} latents with k={cfg.k} over {self.world_size} ranks; "
+                "need 1 <= k <= d_sae and at least one latent per rank"
+            )
         dtype = cfg.torch_dtype
         W_dec = torch.randn(self.hi - self.lo, cfg.d_in, device=device, dtype=torch.float32)
         W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
@@ -97,16 +108,15 @@ class ShardedTopKSAE(SAE):
 
     @property
     def d_local(self) -> int:
+        """How many latents this rank holds."""
         return self.hi - self.lo
 
-    @property
-    def aux_k(self) -> int:
-        return self.cfg.aux_k if self.cfg.aux_k is not None else max(self.cfg.d_in // 2, 1)
+    aux_k = TopKSAE.aux_k  # the whole dictionary's AuxK width, as the unsharded SAE
 
     # ---- from / to ordinary SAEs --------------------------------------------------------------
 
     @classmethod
-    def from_sae(cls, sae: SAE, group=None) -> "ShardedTopKSAE":
+    def from_sae(cls, sae: SAE, group=None) -> ShardedTopKSAE:
         """This rank's slice of an (unsharded) SAE that every rank holds."""
         shard = cls(sae.cfg, device="meta", group=group)
         shard.load_state_dict(shard.slice_state(sae.state_dict()), assign=True)
@@ -114,8 +124,10 @@ class ShardedTopKSAE(SAE):
 
     def slice_state(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
         """This rank's slices of full-width tensors named like the SAE's parameters."""
-        return {name: (t.narrow(SHARD_DIM[name], self.lo, self.d_local) if name in SHARD_DIM else t).clone()
-                for name, t in full.items()}
+        return {
+            name: (t.narrow(SHARD_DIM[name], self.lo, self.d_local) if name in SHARD_DIM else t).clone()
+            for name, t in full.items()
+        }
 
     def gather(self, name: str, t: Tensor, dst: int = 0) -> Tensor | None:
         """The full-width tensor of parameter `name` (or a tensor shaped like it) on rank dst, in CPU memory
@@ -192,44 +204,37 @@ class ShardedTopKSAE(SAE):
     # ---- training --------------------------------------------------------------------------------
 
     def _sparse_decode(self, local_idx: Tensor, acts: Tensor) -> Tensor:
+        """The whole reconstruction (no b_dec) from this rank's chosen latents, summed over ranks."""
         return _SumFromShards.apply(sparse_decode(local_idx, acts, self.W_dec), self.group)
 
-    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
+    def training_forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None, variance: Variance | None = None
+    ) -> TrainOutput:
         """As TopKSAE.training_forward on the batch every rank holds; fired is the full [d_sae] mask
         with this rank's latents filled in (OR it over ranks for the whole dictionary)."""
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise UserError(f"training_forward needs a [batch, d_in] tensor with batch >= 2, got shape {tuple(x.shape)}; "
-                            "flatten tokens into the batch dimension and use a larger batch size")
+        self.check_train_input(x)
         target = x if target is None else target.to(self.dtype)
         pre = self.encode_pre(x)
         values, global_idx = self._global_topk(pre, self.cfg.k)
         local_idx, acts = self._local_code(pre, global_idx)
         x_hat = self._sparse_decode(local_idx, acts) + self.b_dec
-        terms = {"fvu": fvu(target, x_hat), "auxk": self._auxk(target, x_hat, pre, dead_mask)}
+
+        def decode_top_dead(k_aux: int, n_dead: int) -> Tensor:
+            """The dead latents' top-k taken globally (dead_mask is the full [d_sae]; n_dead is the same on
+            every rank, as the trainer ORs `fired` over ranks); the chosen latents are all dead."""
+            local_dead = dead_mask[self.lo : self.hi].to(pre.device)
+            _, dead_idx = self._global_topk(pre.masked_fill(~local_dead, float("-inf")), k_aux)
+            return self._sparse_decode(*self._local_code(pre, dead_idx))
+
+        auxk = auxk_loss(
+            target, x_hat, dead_mask, decode_top_dead, aux_k=self.aux_k, coef=self.cfg.aux_k_coef, variance=variance
+        )
+        terms = {"fvu": fvu(target, x_hat, denominator(target, variance)), "auxk": auxk}
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
         fired[global_idx[values > 0]] = True
-        fired[:self.lo] = False
-        fired[self.hi:] = False
-        return TrainOutput(x_hat=x_hat, loss=sum(terms.values()), losses={n: v.detach() for n, v in terms.items()},
-                           fired=fired, l0=(values > 0).sum(dim=-1).float().mean())
-
-    def _auxk(self, target: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
-        """TopKSAE's AuxK loss with the dead latents' top-k taken globally (dead_mask is the full [d_sae])."""
-        zero = pre.new_zeros((), dtype=torch.float32)
-        if dead_mask is None:
-            return zero
-        n_dead = int(dead_mask.sum())  # the same on every rank: the trainer ORs `fired` over ranks
-        if n_dead == 0:
-            return zero
-        k_aux = min(self.aux_k, n_dead)
-        local_dead = dead_mask[self.lo:self.hi].to(pre.device)
-        dead_pre = pre.masked_fill(~local_dead, float("-inf"))
-        _, global_idx = self._global_topk(dead_pre, k_aux)
-        local_idx, acts = self._local_code(pre, global_idx)  # the chosen latents are all dead
-        e = target - x_hat.detach()
-        e_hat = self._sparse_decode(local_idx, acts)
-        auxk = self.cfg.aux_k_coef * min(n_dead / self.aux_k, 1.0) * fvu(e, e_hat)
-        return torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
+        fired[: self.lo] = False
+        fired[self.hi :] = False
+        return TrainOutput.from_terms(x_hat, terms, fired, (values > 0).sum(dim=-1).float().mean())
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the norm of the whole dictionary's gradient (slices summed over ranks, b_dec once)."""
@@ -266,12 +271,14 @@ def load_sharded(folder: str | os.PathLike, device: str | torch.device = "cpu", 
             if name in SHARD_DIM:
                 want[SHARD_DIM[name]] = cfg.d_sae
             if full_shape != tuple(want):
-                raise UserError(f"{path}: tensor {name} has shape {full_shape} but cfg.json expects {tuple(want)}; "
-                                "fix d_in/d_sae in cfg.json or re-save the SAE")
+                raise UserError(
+                    f"{path}: tensor {name} has shape {full_shape} but cfg.json expects {tuple(want)}; "
+                    "fix d_in/d_sae in cfg.json or re-save the SAE"
+                )
             if name == "W_enc":
-                tensors[name] = part[:, shard.lo:shard.hi]
+                tensors[name] = part[:, shard.lo : shard.hi]
             elif name in SHARD_DIM:
-                tensors[name] = part[shard.lo:shard.hi]
+                tensors[name] = part[shard.lo : shard.hi]
             else:
                 tensors[name] = part[:]
     shard.load_state_dict({n: t.to(cfg.torch_dtype) for n, t in tensors.items()}, assign=True)

@@ -11,9 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from activations.errors import UserError
-from sae.base import TrainOutput
+from sae.base import TrainOutput, Variance
 from sae.config import SAEConfig
-from sae.registry import register
 from sae.topk import TopKSAE
 
 
@@ -23,9 +22,10 @@ def _unit_rows(rows: int, cols: int, device: torch.device | str | None, dtype: t
     return (w / w.norm(dim=1, keepdim=True)).to(dtype)
 
 
-@register("transcoder")
 class TranscoderSAE(TopKSAE):
     """TopK transcoder from d_in to d_out = cfg.d_out (default d_in); AuxK as TopK, on the output."""
+
+    architecture = "transcoder"
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         """Independent random init: unit-norm decoder rows in the output space, unit-norm encoder columns."""
@@ -50,7 +50,9 @@ class TranscoderSAE(TopKSAE):
         """Predicted raw output activations for raw input activations (each side's own scale)."""
         return self.forward(x_raw * self.cfg.norm_scale) / self.cfg.norm_scale_out
 
-    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
+    def training_forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None, variance: Variance | None = None
+    ) -> TrainOutput:
         """As SAE.training_forward, but target (the output activations [B, d_out]) is required."""
         if target is None or target.shape != (x.shape[0], self.d_out):
             got = "none" if target is None else f"shape {tuple(target.shape)}"
@@ -58,4 +60,4 @@ class TranscoderSAE(TopKSAE):
                 f"a transcoder trains on (input, target) pairs: target must be [batch, d_out={self.d_out}] "
                 f"activations at hook_name_out, got {got}; give the output hook (--hook-out) and matching d_out"
             )
-        return super().training_forward(x, dead_mask, target)
+        return super().training_forward(x, dead_mask, target, variance)

@@ -32,6 +32,16 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
+from activations.models import load_model  # noqa: E402
+from activations.sources import open_text_source  # noqa: E402
+from activations.store import ActivationStore, StoreConfig  # noqa: E402
+from sae.config import SAEConfig  # noqa: E402
+from sae.registry import make_sae  # noqa: E402
+from sae.sharded import ShardedTopKSAE  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.distributed import DataParallel, LatentSharded, SingleProcess  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
 ISSUE_SHAPES = [(768, 24576, 32), (2304, 65536, 64)]  # (d_in, d_sae, k) from issue 6
 BATCH = 4096
 FP32, INT64, UINT8 = 4, 8, 1
@@ -43,6 +53,7 @@ FP32, INT64, UINT8 = 4, 8, 1
 # gradients): a ring all-reduce of S bytes sends 2 (N-1)/N · S per rank; an all-gather of S bytes from every
 # rank sends (N-1) · S per rank (each rank forwards every other rank's part once); an all-to-all sends all but
 # the rank's own part. A rank receives as much as it sends in all three.
+
 
 def ring_allreduce(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes
@@ -63,7 +74,9 @@ def data_parallel_bytes(d_in: int, d_sae: int, k: int, batch: int, n: int) -> di
     }
 
 
-def latent_sharded_bytes(d_in: int, d_sae: int, k: int, batch: int, n: int, aux_k: int | None = None) -> dict[str, float]:
+def latent_sharded_bytes(
+    d_in: int, d_sae: int, k: int, batch: int, n: int, aux_k: int | None = None
+) -> dict[str, float]:
     """Every rank holds d_sae/N latents and the whole batch: the shares are gathered, the top-k candidates
     (fp32 value + int64 index) gathered, the partial reconstructions all-reduced, and in backward the input
     gradient all-reduced. AuxK (only while latents are dead) repeats the candidates + reconstruction."""
@@ -75,24 +88,37 @@ def latent_sharded_bytes(d_in: int, d_sae: int, k: int, batch: int, n: int, aux_
         "reconstruction (all-reduce B·d_in fp32)": ring_allreduce(act, n),
         "input gradient in backward (all-reduce B·d_in fp32)": ring_allreduce(act, n),
         "fired mask (all-reduce d_sae uint8)": ring_allreduce(d_sae * UINT8, n),
-        "AuxK when latents are dead (candidates B·aux_k + all-reduce B·d_in)":
-            all_gather(batch * aux_k * (FP32 + INT64), n) + ring_allreduce(act, n),
+        "AuxK when latents are dead (candidates B·aux_k + all-reduce B·d_in)": all_gather(
+            batch * aux_k * (FP32 + INT64), n
+        )
+        + ring_allreduce(act, n),
     }
 
 
 def layer_split_bytes(d_in: int, n_hooks: int, batch: int, n: int) -> dict[str, float]:
     """Each rank runs the model on B/N tokens and sends each hook's activations to its owner (all-to-all)."""
-    return {"activations (all-to-all B/N·n_hooks·d_in fp32, (N-1)/N leaves the rank)":
-            batch / n * n_hooks * d_in * FP32 * (n - 1) / n}
+    return {
+        "activations (all-to-all B/N·n_hooks·d_in fp32, (N-1)/N leaves the rank)": batch
+        / n
+        * n_hooks
+        * d_in
+        * FP32
+        * (n - 1)
+        / n
+    }
 
 
 def paper_table(n: int) -> list[str]:
-    lines = [f"| shape (d_in, d_sae, k), batch {BATCH}, {n} ranks | scheme | part | MB sent per rank per step |",
-             "| --- | --- | --- | ---: |"]
+    lines = [
+        f"| shape (d_in, d_sae, k), batch {BATCH}, {n} ranks | scheme | part | MB sent per rank per step |",
+        "| --- | --- | --- | ---: |",
+    ]
     for d_in, d_sae, k in ISSUE_SHAPES:
         shape = f"{d_in}, {d_sae}, {k}"
-        for scheme, parts in (("data parallel", data_parallel_bytes(d_in, d_sae, k, BATCH, n)),
-                              ("latent sharding", latent_sharded_bytes(d_in, d_sae, k, BATCH, n))):
+        for scheme, parts in (
+            ("data parallel", data_parallel_bytes(d_in, d_sae, k, BATCH, n)),
+            ("latent sharding", latent_sharded_bytes(d_in, d_sae, k, BATCH, n)),
+        ):
             base = {p: v for p, v in parts.items() if not p.startswith("AuxK")}
             for part, value in parts.items():
                 lines.append(f"| {shape} | {scheme} | {part} | {value / 1e6:.2f} |")
@@ -104,6 +130,7 @@ def paper_table(n: int) -> list[str]:
 
 # ---- measured throughput ------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,10 +138,11 @@ def _free_port() -> int:
 
 
 class _Synthetic:
-    """A store of random activations `[B/N, 1, d_in]` (each rank its own), counted like contexts."""
+    """A training.data.ActivationBatches of random activations `[B/N, 1, d_in]` (each rank its own), counted
+    like contexts."""
 
     def __init__(self, batch: int, d_in: int, rank: int, device: str):
-        self.cfg = type("Cfg", (), {"batch_size": batch})()
+        self.batch_size = batch
         self.scales, self.hook_names, self.contexts_consumed = None, ["synthetic"], 0
         self.g = torch.Generator(device=device).manual_seed(rank)
         self.batch, self.d_in, self.device = batch, d_in, device
@@ -126,12 +154,6 @@ class _Synthetic:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, workload: str, result_file: str) -> None:
-    from sae.config import SAEConfig
-    from sae.registry import make_sae
-    from training.config import TrainConfig
-    from training.distributed import DataParallel, LatentSharded, SingleProcess
-    from training.trainer import Trainer
-
     cuda = args.device == "cuda"
     device = f"cuda:{rank}" if cuda else "cpu"
     if cuda:
@@ -139,36 +161,52 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, workload
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=600))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=600),
+        )
     try:
         local_batch = args.batch_size // world
         if workload == "sae":
             d_in, d_sae, k = args.shape
             store = _Synthetic(local_batch, d_in, rank, device)
         else:
-            from activations.models import load_model
-            from activations.sources import open_text_source
-            from activations.store import ActivationStore, StoreConfig
-
             lm = load_model(args.model, device=device)
-            store = ActivationStore(lm, open_text_source("wikitext-2", split="train"), StoreConfig(
-                hooks=[args.hook], context_size=128, model_batch_size=8, batch_size=local_batch,
-                buffer_tokens=2 * local_batch, device=device, rank=rank, world_size=world))
+            store = ActivationStore(
+                lm,
+                open_text_source("wikitext-2", split="train"),
+                StoreConfig(
+                    hooks=[args.hook],
+                    context_size=128,
+                    model_batch_size=8,
+                    batch_size=local_batch,
+                    buffer_tokens=2 * local_batch,
+                    device=device,
+                    rank=rank,
+                    world_size=world,
+                ),
+            )
             d_in, d_sae, k = lm.d_model, 8 * lm.d_model, 32
         torch.manual_seed(0)
         sae = make_sae(SAEConfig(d_in=d_in, d_sae=d_sae, k=k)).to(device)
         if world == 1:
             parallel = SingleProcess()
         elif args.parallel == "latents" and workload == "sae":
-            from sae.sharded import ShardedTopKSAE
             sae, parallel = ShardedTopKSAE.from_sae(sae), LatentSharded()
         else:
             parallel = DataParallel()
         steps = args.warmup + args.steps
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(sae, store, TrainConfig(tokens=steps * args.batch_size, device=device, checkpoint_every=10**9,
-                                                      log_every=10**9), tmp, parallel=parallel)
+            trainer = Trainer(
+                sae,
+                store,
+                TrainConfig(tokens=steps * args.batch_size, device=device, checkpoint_every=10**9, log_every=10**9),
+                tmp,
+                parallel=parallel,
+            )
             trainer.show_progress = False
             trainer.begin()
             batches = iter(store)
@@ -217,24 +255,36 @@ def main() -> None:
     args = p.parse_args()
     args.shape = tuple(int(v) for v in args.shape.split(","))
 
-    lines = [f"# Distributed training ({date.today()})", "",
-             f"torch {torch.__version__}, {platform.platform()}, {os.cpu_count()} CPU cores"
-             + (f", {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
-             "", "## Communication volume per step, on paper", ""]
+    lines = [
+        f"# Distributed training ({date.today()})",
+        "",
+        f"torch {torch.__version__}, {platform.platform()}, {os.cpu_count()} CPU cores"
+        + (f", {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "",
+        "## Communication volume per step, on paper",
+        "",
+    ]
     for n in (2, 8):
         lines += paper_table(n) + [""]
     if not args.paper_only:
         worlds = [int(w) for w in args.world.split(",")]
-        lines += [f"## Measured throughput ({args.device}, global batch {args.batch_size}, {args.steps} timed steps "
-                  f"after {args.warmup})", "",
-                  "| workload | processes | tokens/s | vs 1 process |", "| --- | ---: | ---: | ---: |"]
+        lines += [
+            f"## Measured throughput ({args.device}, global batch {args.batch_size}, {args.steps} timed steps "
+            f"after {args.warmup})",
+            "",
+            "| workload | processes | tokens/s | vs 1 process |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for workload in args.workloads.split(","):
             base = None
             for world in worlds:
                 rate = measure(args, workload, world)
                 base = base or rate
-                what = (f"sae step {args.shape} ({args.parallel if world > 1 else 'one process'})" if workload == "sae"
-                        else f"{args.model} {args.hook} forward + sae step (data parallel)")
+                what = (
+                    f"sae step {args.shape} ({args.parallel if world > 1 else 'one process'})"
+                    if workload == "sae"
+                    else f"{args.model} {args.hook} forward + sae step (data parallel)"
+                )
                 lines.append(f"| {what} | {world} | {rate:,.0f} | {rate / base:.2f}× |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

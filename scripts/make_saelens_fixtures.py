@@ -31,9 +31,9 @@ def _randomise(sae, seed: int) -> None:
     with torch.no_grad():
         for name, p in sae.named_parameters():
             if name == "W_dec":
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 + torch.rand(p.shape[0], 1, generator=g)) / D_IN ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 + torch.rand(p.shape[0], 1, generator=g)) / D_IN**0.5)
             elif name == "W_enc":
-                p.copy_(torch.randn(p.shape, generator=g) / D_IN ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / D_IN**0.5)
             elif name == "threshold":
                 p.copy_(torch.rand(p.shape, generator=g) * 0.8)
             elif name == "r_mag":
@@ -49,23 +49,44 @@ def _expected(folder: Path, sae, x: torch.Tensor) -> None:
         feature_acts = sae.encode(x)
         reconstruction = sae.decode(feature_acts)
     assert (feature_acts != 0).any(), f"{folder.name}: no latent fires; pick other random weights"
-    save_file({"x": x.contiguous(), "feature_acts": feature_acts.contiguous(),
-               "reconstruction": reconstruction.contiguous()}, str(folder / "expected.safetensors"))
+    save_file(
+        {"x": x.contiguous(), "feature_acts": feature_acts.contiguous(), "reconstruction": reconstruction.contiguous()},
+        str(folder / "expected.safetensors"),
+    )
 
 
 def main() -> int:
     try:
         import sae_lens
-        from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedSAE, GatedSAEConfig, JumpReLUSAE,
-                              JumpReLUSAEConfig, MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
-                              StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig)
+        from sae_lens import (
+            BatchTopKTrainingSAE,
+            BatchTopKTrainingSAEConfig,
+            GatedSAE,
+            GatedSAEConfig,
+            JumpReLUSAE,
+            JumpReLUSAEConfig,
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+            StandardSAE,
+            StandardSAEConfig,
+            TopKSAE,
+            TopKSAEConfig,
+        )
         from sae_lens.saes.sae import SAEMetadata
     except ImportError:
-        print("sae_lens is not importable here; install it in a separate venv (see this file's docstring)", file=sys.stderr)
+        print(
+            "sae_lens is not importable here; install it in a separate venv (see this file's docstring)",
+            file=sys.stderr,
+        )
         return 1
 
-    meta = dict(model_name="tiny-random", hook_name="blocks.1.hook_resid_post", context_size=64, prepend_bos=False,
-                dataset_path="random")
+    meta = dict(
+        model_name="tiny-random",
+        hook_name="blocks.1.hook_resid_post",
+        context_size=64,
+        prepend_bos=False,
+        dataset_path="random",
+    )
     x = torch.randn(24, D_IN, generator=torch.Generator().manual_seed(1234)) * 1.5
 
     def common() -> dict:
@@ -83,7 +104,8 @@ def main() -> int:
     training = {  # saved twice: for inference (a jumprelu folder, what SAELens hands out) and as a training checkpoint
         "batchtopk": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common(), k=4.0)),
         "matryoshka_batchtopk": MatryoshkaBatchTopKTrainingSAE(
-            MatryoshkaBatchTopKTrainingSAEConfig(**common(), k=4.0, matryoshka_widths=[8, 16, D_SAE])),
+            MatryoshkaBatchTopKTrainingSAEConfig(**common(), k=4.0, matryoshka_widths=[8, 16, D_SAE])
+        ),
     }
     shutil.rmtree(OUT, ignore_errors=True)
     for seed, (name, sae) in enumerate({**inference, **training}.items()):
@@ -92,7 +114,7 @@ def main() -> int:
         folder = OUT / name
         if name in training:
             sae.save_inference_model(folder)
-            reference = sae_lens.SAE.load_from_disk(str(folder))   # what SAELens infers with
+            reference = sae_lens.SAE.load_from_disk(str(folder))  # what SAELens infers with
             sae.save_model(OUT / f"{name}_training")
             _expected(OUT / f"{name}_training", reference, x)
         else:

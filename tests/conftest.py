@@ -41,14 +41,29 @@ def _tiny(kind: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     vocab = len(tokenizer)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = GPT2LMHeadModel(cfg)
     return model.eval().requires_grad_(False)
 

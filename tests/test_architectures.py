@@ -5,19 +5,21 @@ warm-up) behaves as the papers say; each trains and evaluates through the CLI on
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from activations.errors import UserError
-from sae.base import SAE, fvu
+from sae.base import SAE, ForwardPass, fvu
+from sae.cli import main
 from sae.config import SAEConfig
 from sae.io import load_sae, save_sae
 from sae.jumprelu import JumpReLU, Step
 from sae.matryoshka import default_prefixes, parse_prefixes
 from sae.registry import ARCHITECTURES, make_sae
+from training.step import train_step
 
 D_IN, N_TRUE, N_ACTIVE, D_SAE, BATCH = 32, 64, 3, 128, 256
 
@@ -56,19 +58,14 @@ def mean_max_cos(true: torch.Tensor, W_dec: torch.Tensor) -> float:
 
 
 def train(sae: SAE, batches: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], steps: int, lr: float = 1e-2):
-    """The trainer's step on in-memory data: progress, forward, backward, parallel-grad removal, Adam,
-    decoder renormalisation, dead-latent bookkeeping. Returns the last TrainOutput."""
+    """The trainer's step (training.step.train_step) on in-memory data, with progress and dead-latent
+    bookkeeping around it. Returns the last TrainOutput."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     for step in range(steps):
         x, target = batches()
         sae.set_progress(step / steps)
-        out = sae.training_forward(x, dead_mask=since_fired > 20, target=target)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalise_decoder()
+        out = train_step(sae, opt, x, target=target, dead_mask=since_fired > 20).out
         since_fired += 1
         since_fired[out.fired] = 0
     return out
@@ -134,8 +131,12 @@ def test_transcoder_learns_planted_map():
 # ---- save / load ----------------------------------------------------------------------------
 
 ROUND_TRIP = {
-    "relu": {}, "batchtopk": dict(k=4), "jumprelu": {}, "gated": {},
-    "matryoshka": dict(k=4, matryoshka_prefixes=[16, 64]), "transcoder": dict(k=4, d_out=20),
+    "relu": {},
+    "batchtopk": dict(k=4),
+    "jumprelu": {},
+    "gated": {},
+    "matryoshka": dict(k=4, matryoshka_prefixes=[16, 64]),
+    "transcoder": dict(k=4, d_out=20),
 }
 SAELENS_TENSORS = {  # what SAELens 6's inference class of the exported architecture loads
     "standard": {"W_enc", "W_dec", "b_enc", "b_dec"},
@@ -173,8 +174,14 @@ def test_save_load_round_trip(arch, tmp_path):
 def test_saelens_architecture_names_in_cfg_json():
     names = {arch: SAEConfig(d_in=8, d_sae=16, architecture=arch).to_saelens_dict() for arch in ARCHITECTURES}
     assert {a: d["architecture"] for a, d in names.items()} == {
-        "topk": "topk", "relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
-        "jumprelu": "jumprelu", "gated": "gated", "transcoder": "transcoder"}
+        "topk": "topk",
+        "relu": "standard",
+        "batchtopk": "jumprelu",
+        "matryoshka": "jumprelu",
+        "jumprelu": "jumprelu",
+        "gated": "gated",
+        "transcoder": "transcoder",
+    }
     assert names["transcoder"]["apply_b_dec_to_input"] is False and names["relu"]["apply_b_dec_to_input"] is True
     assert names["transcoder"]["d_out"] == 8
 
@@ -273,9 +280,13 @@ def test_gated_paths_share_tied_weights_and_aux_loss_freezes_the_decoder():
     out = sae.training_forward(x)
     assert set(out.losses) == {"fvu", "l1", "aux"}
     pre = (x - sae.b_dec.detach()) @ sae.W_enc  # encode_pre with the input centring held fixed
-    aux = sae.aux_losses(x, x, out.x_hat, pre, sae.train_code(pre), None)["aux"]
-    grads = torch.autograd.grad(aux, [sae.W_dec, sae.b_dec, sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag],
-                                allow_unused=True, materialize_grads=True)
+    aux = sae.aux_losses(ForwardPass(x, x, out.x_hat, pre, sae.train_code(pre)), None)["aux"]
+    grads = torch.autograd.grad(
+        aux,
+        [sae.W_dec, sae.b_dec, sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag],
+        allow_unused=True,
+        materialize_grads=True,
+    )
     assert not grads[0].any() and not grads[1].any()  # decoder (W_dec, b_dec) frozen in the aux reconstruction
     assert grads[2].any() and grads[3].any()  # it trains the gate path
     assert not grads[4].any() and not grads[5].any()  # and not the magnitude path
@@ -354,15 +365,14 @@ def test_bad_architecture_settings_are_user_errors():
 
 # ---- the command line -----------------------------------------------------------------------
 
-CLI = ["--hook", "blocks.2.hook_resid_post", "--dataset", "tinyshakespeare", "--tokens", "4096",
-       "--batch-size", "512", "--buffer-tokens", "2048", "--context-size", "64", "--expansion", "2",
-       "--k", "8", "--eval-tokens", "256", "--device", "cpu"]
+CLI = (
+    "--hook blocks.2.hook_resid_post --dataset tinyshakespeare --tokens 4096 --batch-size 512 "
+    "--buffer-tokens 2048 --context-size 64 --expansion 2 --k 8 --eval-tokens 256 --device cpu"
+).split()
 
 
 @pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka"])
 def test_cli_trains_and_evaluates(arch, tiny_llama_dir, tmp_path, capsys):
-    from sae.cli import main
-
     run = tmp_path / arch
     extra = ["--matryoshka-prefixes", "16,64"] if arch == "matryoshka" else []
     assert main(["train", "--model", tiny_llama_dir, "--architecture", arch, *CLI, *extra, "--out", str(run)]) == 0
@@ -375,11 +385,9 @@ def test_cli_trains_and_evaluates(arch, tiny_llama_dir, tmp_path, capsys):
 
 
 def test_cli_help_lists_architectures_and_options(capsys):
-    from sae.cli import main
-
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert f"SAE architecture: {', '.join(sorted(ARCHITECTURES))}" in out
+    assert f"--architecture {{{','.join(sorted(ARCHITECTURES))}}}" in out
     for option in ("--l1-coefficient", "--l0-coefficient", "--matryoshka-prefixes"):
         assert option in out

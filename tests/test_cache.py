@@ -35,7 +35,9 @@ def docs():
 def cache(tiny_llama, docs, tmp_path_factory):
     """A 3-shard cache of two hooks, float32."""
     folder = tmp_path_factory.mktemp("cache")
-    write_cache(tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE), folder, CacheConfig(tokens=6000, shard_tokens=2200))
+    write_cache(
+        tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE), folder, CacheConfig(tokens=6000, shard_tokens=2200)
+    )
     return folder
 
 
@@ -46,14 +48,14 @@ def test_shards_hold_the_stream_with_provenance(tiny_llama, docs, cache):
     assert m["context_size"] == 64 and m["skip_first"] and m["skip_special"]
     store = ActivationStore(tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE, normalise=False, epochs=1))
     chunks = []
-    for chunk in store.raw_activations():   # the stream's first m["tokens"] rows
+    for chunk in store.raw_activations():  # the stream's first m["tokens"] rows
         chunks.append(chunk)
         if sum(len(c) for c in chunks) >= m["tokens"]:
             break
     raw = torch.cat(chunks)[: m["tokens"]]
     shards = [load_file(cache / s["file"]) for s in m["shards"]]
     acts = torch.cat([s["activations"] for s in shards])
-    torch.testing.assert_close(acts, raw, rtol=0, atol=0)   # unshuffled, unnormalised, in stream order
+    torch.testing.assert_close(acts, raw, rtol=0, atol=0)  # unshuffled, unnormalised, in stream order
     # Provenance: every row points at its context and position, and the token there is the row's token.
     contexts = list(batch_contexts(pack_contexts(docs, tiny_llama.tokenizer, 64), 8))
     tokens = torch.cat([c.tokens for c in contexts])
@@ -122,7 +124,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tiny_llama, docs, cache, tmp_
     before = {s["file"]: (folder / s["file"]).stat().st_mtime_ns for s in m["shards"]}
     monkeypatch.setattr(cache_module, "_save_shard", real)
     resumed = write_cache(tiny_llama, docs, cfg, folder, CacheConfig(tokens=6000, shard_tokens=2200))
-    assert {f: (folder / f).stat().st_mtime_ns for f in before} == before   # finished shards not redone
+    assert {f: (folder / f).stat().st_mtime_ns for f in before} == before  # finished shards not redone
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in read_manifest(cache)["shards"]]
     assert not list(folder.glob(".shard-*"))
 
@@ -132,29 +134,53 @@ def test_a_damaged_shard_is_named_and_rebuilt(tiny_llama, docs, cache, tmp_path)
     shutil.copytree(cache, folder)
     shard = folder / "shard-00001.safetensors"
     original = shard.read_bytes()
-    shard.write_bytes(original[: len(original) // 2])   # truncated
-    with pytest.raises(UserError, match=r"shard-00001.safetensors is truncated.*delete .*shard-00001.safetensors and re-run `sae cache --out"):
+    shard.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(
+        UserError,
+        match=r"shard-00001.safetensors is truncated.*delete .*shard-00001.safetensors and re-run `sae cache --out",
+    ):
         CachedActivationSource(folder, StoreConfig(hooks=HOOKS))
     corrupt = bytearray(original)
-    corrupt[-100] ^= 0xFF                                 # same size, one flipped byte in the activations
+    corrupt[-100] ^= 0xFF  # same size, one flipped byte in the activations
     shard.write_bytes(bytes(corrupt))
     source = CachedActivationSource(folder, StoreConfig(hooks=HOOKS, **STORE))
     with pytest.raises(UserError, match=r"shard-00001.safetensors is corrupt \(its sha256.*delete .*and re-run"):
         list(source)
-    shard.unlink()                                        # the fix the message gives
-    write_cache(tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE), folder, CacheConfig(tokens=6000, shard_tokens=2200))
+    shard.unlink()  # the fix the message gives
+    write_cache(
+        tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE), folder, CacheConfig(tokens=6000, shard_tokens=2200)
+    )
     assert shard.read_bytes() == original
 
 
 def test_bfloat16_cache_and_missing_hook(tiny_llama, docs, cache, tmp_path):
     folder = tmp_path / "bf16"
-    write_cache(tiny_llama, docs[:20], StoreConfig(hooks=HOOKS, **STORE), folder,
-                CacheConfig(tokens=1500, shard_tokens=1000, dtype="bfloat16"))
-    half = torch.cat(list(CachedActivationSource(folder, StoreConfig(hooks=HOOKS, **STORE, normalise=False, epochs=1)).raw_activations()))
-    full = torch.cat(list(CachedActivationSource(cache, StoreConfig(hooks=HOOKS, **STORE, normalise=False, epochs=1)).raw_activations()))
+    write_cache(
+        tiny_llama,
+        docs[:20],
+        StoreConfig(hooks=HOOKS, **STORE),
+        folder,
+        CacheConfig(tokens=1500, shard_tokens=1000, dtype="bfloat16"),
+    )
+    half = torch.cat(
+        list(
+            CachedActivationSource(
+                folder, StoreConfig(hooks=HOOKS, **STORE, normalise=False, epochs=1)
+            ).raw_activations()
+        )
+    )
+    full = torch.cat(
+        list(
+            CachedActivationSource(
+                cache, StoreConfig(hooks=HOOKS, **STORE, normalise=False, epochs=1)
+            ).raw_activations()
+        )
+    )
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full[: len(half)], rtol=1e-2, atol=1e-2)
-    assert (folder / "shard-00000.safetensors").stat().st_size < 0.6 * (cache / "shard-00000.safetensors").stat().st_size
+    assert (folder / "shard-00000.safetensors").stat().st_size < 0.6 * (
+        cache / "shard-00000.safetensors"
+    ).stat().st_size
     with pytest.raises(UserError, match=r"has no hook blocks.3.hook_resid_post; it holds blocks.1.hook_resid_post"):
         CachedActivationSource(cache, StoreConfig(hooks=["blocks.3.hook_resid_post"]))
     with pytest.raises(UserError, match=r"is not an activation cache \(manifest.json missing\)"):
@@ -163,18 +189,72 @@ def test_bfloat16_cache_and_missing_hook(tiny_llama, docs, cache, tmp_path):
 
 def test_cache_and_train_from_it_on_the_command_line(tiny_llama_dir, tmp_path, capsys):
     folder, run = tmp_path / "cache", tmp_path / "run"
-    base = ["cache", "--out", str(folder), "--model", tiny_llama_dir, "--dataset", "tinyshakespeare", "--tokens", "3000",
-            "--shard-tokens", "1500", "--context-size", "64", "--device", "cpu"]
+    base = [
+        "cache",
+        "--out",
+        str(folder),
+        "--model",
+        tiny_llama_dir,
+        "--dataset",
+        "tinyshakespeare",
+        "--tokens",
+        "3000",
+        "--shard-tokens",
+        "1500",
+        "--context-size",
+        "64",
+        "--device",
+        "cpu",
+    ]
     assert main([*base, "--hooks", ",".join(HOOKS)]) == 0
-    assert main([*base, "--hooks", "blocks.0.hook_resid_post"]) == 2   # a different cache in the same folder
+    assert main([*base, "--hooks", "blocks.0.hook_resid_post"]) == 2  # a different cache in the same folder
     err = capsys.readouterr().err
     assert "already caches hooks=" in err and "choose another --out" in err
-    assert main(["train", "--activations", str(folder), "--hook", HOOKS[0], "--tokens", "2048", "--batch-size", "256",
-                 "--buffer-tokens", "1024", "--expansion", "2", "--k", "8", "--eval-tokens", "256", "--device", "cpu",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--activations",
+                str(folder),
+                "--hook",
+                HOOKS[0],
+                "--tokens",
+                "2048",
+                "--batch-size",
+                "256",
+                "--buffer-tokens",
+                "1024",
+                "--expansion",
+                "2",
+                "--k",
+                "8",
+                "--eval-tokens",
+                "256",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((run / "cfg.json").read_text())["saelab"]
     assert cfg["hook_name"] == HOOKS[0] and cfg["model_name"] == tiny_llama_dir and cfg["dataset"] == "tinyshakespeare"
-    assert json.loads((run / "eval.json").read_text())["tokens"] >= 256   # evaluated with the cache's model
-    assert main(["train", "--activations", str(folder), "--hook", "blocks.3.hook_resid_post", "--device", "cpu",
-                 "--out", str(tmp_path / "r2")]) == 2
+    assert json.loads((run / "eval.json").read_text())["tokens"] >= 256  # evaluated with the cache's model
+    assert (
+        main(
+            [
+                "train",
+                "--activations",
+                str(folder),
+                "--hook",
+                "blocks.3.hook_resid_post",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 2
+    )
     assert "has no hook blocks.3.hook_resid_post" in capsys.readouterr().err

@@ -16,9 +16,11 @@ from sae.config import SAEConfig
 from sae.io import save_sae
 from sae.registry import make_sae
 
-SMALL = ["--hook", "blocks.2.hook_resid_post", "--dataset", "tinyshakespeare", "--tokens", "8192",
-         "--batch-size", "512", "--buffer-tokens", "2048", "--context-size", "64", "--expansion", "2", "--k", "8",
-         "--checkpoint-every", "4", "--eval-tokens", "512", "--device", "cpu"]
+SMALL = (
+    "--hook blocks.2.hook_resid_post --dataset tinyshakespeare --tokens 8192 --batch-size 512 "
+    "--buffer-tokens 2048 --context-size 64 --expansion 2 --k 8 --checkpoint-every 4 --eval-tokens 512 "
+    "--device cpu"
+).split()
 
 
 def _run(argv, capsys):
@@ -38,13 +40,30 @@ def _one_line_error(code, err, *phrases):
 
 
 def test_help_lists_commands_and_options(capsys):
-    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+    assert main(["--help"]) == 0
+    for argv in (["train", "--help"], ["eval", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("train", "eval", "--model", "--hook", "--dataset", "--tokens", "--k", "--expansion", "--d-sae",
-                 "--batch-size", "--lr", "--device", "--seed", "--resume", "--wandb", "--config"):
+    for word in (
+        "train",
+        "eval",
+        "--model",
+        "--hook",
+        "--dataset",
+        "--tokens",
+        "--k",
+        "--expansion",
+        "--d-sae",
+        "--batch-size",
+        "--lr",
+        "--device",
+        "--seed",
+        "--resume",
+        "--wandb",
+        "--config",
+    ):
         assert word in out
 
 
@@ -55,8 +74,18 @@ def test_train_and_eval_on_a_local_model_folder(tiny_llama_dir, tmp_path, capsys
     for name in ("cfg.json", "sae_weights.safetensors", "metrics.jsonl", "run_config.json", "eval.json", "checkpoint"):
         assert (run / name).exists(), name
     ev = json.loads((run / "eval.json").read_text())
-    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero",
-                "ce_recovered", "kl_sae", "tokens"):
+    for key in (
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "ce_loss_clean",
+        "ce_loss_sae",
+        "ce_loss_zero",
+        "ce_recovered",
+        "kl_sae",
+        "tokens",
+    ):
         assert key in ev
     assert ev["l0"] == pytest.approx(8.0) and ev["tokens"] >= 512
     cfg = json.loads((run / "cfg.json").read_text())
@@ -76,25 +105,51 @@ def test_config_file_sets_options_and_command_line_wins(tiny_llama_dir, tmp_path
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {tiny_llama_dir}\nk: 4\nexpansion: 2\ntokens: 4096\nhook: blocks.1.hook_mlp_out\n")
     run = tmp_path / "r"
-    code, _, err = _run(["train", "--config", str(cfg), "--k", "6", *SMALL[2:4], "--tokens", "2048", "--batch-size", "512",
-                         "--context-size", "64", "--buffer-tokens", "2048", "--no-eval", "--device", "cpu", "--out", str(run)], capsys)
+    code, _, err = _run(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--k",
+            "6",
+            *SMALL[2:4],
+            "--tokens",
+            "2048",
+            "--batch-size",
+            "512",
+            "--context-size",
+            "64",
+            "--buffer-tokens",
+            "2048",
+            "--no-eval",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+        ],
+        capsys,
+    )
     assert code == 0, err
     saved = json.loads((run / "cfg.json").read_text())
     assert saved["k"] == 6 and saved["metadata"]["hook_name"] == "blocks.1.hook_mlp_out"
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle: x\n")
     code, _, err = _run(["train", "--config", str(bad)], capsys)
-    _one_line_error(code, err, "unknown options", "modle")
+    _one_line_error(code, err, "unknown option", "modle")
 
 
-@pytest.mark.parametrize("argv,phrases", [
-    (["train", "--model", "/nonexistent/model", "--no-eval"], ["does not exist"]),
-    (["train", "--model", "missing.gguf"], ["GGUF file", "does not exist"]),
-    (["train", "--model", "no-such-org/no-such-model-xyz"], ["could not load model", "smollm2-135m"]),
-    (["train", "--dataset", "/nonexistent/text.txt"], ["no such file"]),
-])
+@pytest.mark.parametrize(
+    "argv,phrases",
+    [
+        (["train", "--model", "/nonexistent/model", "--no-eval"], ["does not exist"]),
+        (["train", "--model", "missing.gguf"], ["GGUF file", "does not exist"]),
+        (["train", "--model", "no-such-org/no-such-model-xyz"], ["could not load model", "smollm2-135m"]),
+        (["train", "--dataset", "/nonexistent/text.txt"], ["no such file"]),
+    ],
+)
 def test_bad_model_or_dataset_is_one_clear_line(argv, phrases, capsys, monkeypatch, tmp_path):
     import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.chdir(tmp_path)
@@ -103,12 +158,29 @@ def test_bad_model_or_dataset_is_one_clear_line(argv, phrases, capsys, monkeypat
 
 
 def test_unknown_hook_and_empty_dataset(tiny_llama_dir, tmp_path, capsys):
-    code, _, err = _run(["train", "--model", tiny_llama_dir, "--hook", "blocks.99.hook_resid_post", "--out", str(tmp_path / "a")], capsys)
+    code, _, err = _run(
+        ["train", "--model", tiny_llama_dir, "--hook", "blocks.99.hook_resid_post", "--out", str(tmp_path / "a")],
+        capsys,
+    )
     _one_line_error(code, err, "unknown hook", "blocks.{0..3}")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, _, err = _run(["train", "--model", tiny_llama_dir, "--hook", "blocks.1.hook_resid_post", "--dataset", str(empty),
-                         "--device", "cpu", "--out", str(tmp_path / "b")], capsys)
+    code, _, err = _run(
+        [
+            "train",
+            "--model",
+            tiny_llama_dir,
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--dataset",
+            str(empty),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
     _one_line_error(code, err, "empty")
 
 
@@ -118,8 +190,21 @@ def test_eval_errors_missing_corrupt_and_mismatched_sae(tiny_llama_dir, tmp_path
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(d_in=32, d_sae=64, k=4, hook_name="blocks.1.hook_resid_post"))
     save_sae(sae, tmp_path / "wrong-width")
-    code, _, err = _run(["eval", str(tmp_path / "wrong-width"), "--model", tiny_llama_dir, "--tokens", "256",
-                         "--dataset", "tinyshakespeare", "--device", "cpu"], capsys)
+    code, _, err = _run(
+        [
+            "eval",
+            str(tmp_path / "wrong-width"),
+            "--model",
+            tiny_llama_dir,
+            "--tokens",
+            "256",
+            "--dataset",
+            "tinyshakespeare",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     _one_line_error(code, err, "d_in=32", "last dimension 64")
     save_sae(sae, tmp_path / "corrupt")
     weights = tmp_path / "corrupt" / "sae_weights.safetensors"
@@ -127,7 +212,12 @@ def test_eval_errors_missing_corrupt_and_mismatched_sae(tiny_llama_dir, tmp_path
     code, _, err = _run(["eval", str(tmp_path / "corrupt"), "--model", tiny_llama_dir], capsys)
     _one_line_error(code, err, "sae_weights.safetensors")
     save_sae(sae, tmp_path / "shape")
-    tensors = {"W_enc": torch.zeros(32, 64), "W_dec": torch.zeros(64, 31), "b_enc": torch.zeros(64), "b_dec": torch.zeros(32)}
+    tensors = {
+        "W_enc": torch.zeros(32, 64),
+        "W_dec": torch.zeros(64, 31),
+        "b_enc": torch.zeros(64),
+        "b_dec": torch.zeros(32),
+    }
     save_file(tensors, str(tmp_path / "shape" / "sae_weights.safetensors"))
     code, _, err = _run(["eval", str(tmp_path / "shape"), "--model", tiny_llama_dir], capsys)
     _one_line_error(code, err, "W_dec")
@@ -136,8 +226,22 @@ def test_eval_errors_missing_corrupt_and_mismatched_sae(tiny_llama_dir, tmp_path
 def test_killed_training_process_resumes(tiny_llama_dir, tmp_path):
     """A real `sae train` process is SIGKILLed after its first checkpoint; --resume finishes the run."""
     run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "sae", "train", "--model", tiny_llama_dir, *SMALL, "--tokens", "122880",
-            "--checkpoint-every", "5", "--no-eval", "--out", str(run)]   # 240 steps: still running when killed
+    argv = [
+        sys.executable,
+        "-m",
+        "sae",
+        "train",
+        "--model",
+        tiny_llama_dir,
+        *SMALL,
+        "--tokens",
+        "122880",
+        "--checkpoint-every",
+        "5",
+        "--no-eval",
+        "--out",
+        str(run),
+    ]  # 240 steps: still running when killed
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240

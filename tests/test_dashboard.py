@@ -1,4 +1,5 @@
-"""`sae inspect` end to end on a tiny trained run: data files, plots, dashboard records, and the page in headless Chromium."""
+"""`sae inspect` end to end on a tiny trained run: data files, plots, dashboard records, and the page in headless
+Chromium."""
 
 import json
 import re
@@ -9,18 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from analysis.dashboard import feature_record, write_dashboard
 from analysis.feature_stats import FeatureStats
 from analysis.logits import TopLogits
 from sae.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-TRAIN = ["--hook", "blocks.2.hook_resid_post", "--dataset", "tinyshakespeare", "--tokens", "4096", "--batch-size", "512",
-         "--buffer-tokens", "2048", "--context-size", "64", "--d-sae", "96", "--k", "8", "--eval-tokens", "256", "--device", "cpu"]
-INSPECT = ["--tokens", "1024", "--top-k", "6", "--left", "4", "--right", "2", "--intervals", "3", "--per-interval", "2",
-           "--chunk-size", "16", "--device", "cpu"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRAIN = (
+    "--hook blocks.2.hook_resid_post --dataset tinyshakespeare --tokens 4096 --batch-size 512 "
+    "--buffer-tokens 2048 --context-size 64 --d-sae 96 --k 8 --eval-tokens 256 --device cpu"
+).split()
+INSPECT = (
+    "--tokens 1024 --top-k 6 --left 4 --right 2 --intervals 3 --per-interval 2 --chunk-size 16 --device cpu"
+).split()
+CHROMIUM_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+    "--disable-component-update --disable-sync"
+).split()
 
 
 def _one_line_error(code, err, *phrases):
@@ -35,7 +42,7 @@ def _load_js(path: Path, call: str):
     """The JSON arguments of a SAELAB.<call>(...) data file."""
     text = path.read_text(encoding="utf-8")
     assert text.startswith(f"SAELAB.{call}(") and text.rstrip().endswith(");")
-    body = text[len(f"SAELAB.{call}("):text.rstrip().rindex(")")]
+    body = text[len(f"SAELAB.{call}(") : text.rstrip().rindex(")")]
     return json.loads(f"[{body}]")
 
 
@@ -49,8 +56,15 @@ def inspected(tiny_llama_dir, tmp_path_factory):
 
 def test_inspect_writes_data_plots_and_dashboard(inspected):
     run = inspected
-    for name in ("features/stats.safetensors", "features/stats.json", "features/logits.safetensors",
-                 "plots/feature_density.png", "plots/training.png", "dashboard/index.html", "dashboard/data/index.js"):
+    for name in (
+        "features/stats.safetensors",
+        "features/stats.json",
+        "features/logits.safetensors",
+        "plots/feature_density.png",
+        "plots/training.png",
+        "dashboard/index.html",
+        "dashboard/data/index.js",
+    ):
         assert (run / name).is_file(), name
     for png in ("feature_density.png", "training.png"):
         data = (run / "plots" / png).read_bytes()
@@ -58,7 +72,7 @@ def test_inspect_writes_data_plots_and_dashboard(inspected):
     stats = FeatureStats.load(run / "features")
     assert stats.d_sae == 96 and stats.tokens >= 1024 and stats.top_act.shape == (96, 6)
     chunks = sorted((run / "dashboard" / "data").glob("features_*.js"))
-    assert len(chunks) == 6   # 96 features / 16 per chunk
+    assert len(chunks) == 6  # 96 features / 16 per chunk
     (meta,) = _load_js(run / "dashboard" / "data" / "index.js", "index")
     assert len(meta["features"]) == 96 and meta["chunk_size"] == 16
     assert [p["src"] for p in meta["plots"]] == ["../plots/feature_density.png", "../plots/training.png"]
@@ -93,9 +107,15 @@ def test_tags_from_files_reach_the_records(inspected, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(inspected / "features", out / "features")
     (out / "features" / "tags.json").write_text(json.dumps({"3": ["hand-picked"]}))
-    (out / "features" / "mechanisms.json").write_text(json.dumps(
-        {"format": 1, "tags": {"3": [{"mechanism": "induction", "name": "Induction", "score": 0.9}]}}))
-    assert main(["inspect", str(inspected), "--out", str(out), "--dashboard-only", "--chunk-size", "16", "--device", "cpu"]) == 0
+    (out / "features" / "mechanisms.json").write_text(
+        json.dumps({"format": 1, "tags": {"3": [{"mechanism": "induction", "name": "Induction", "score": 0.9}]}})
+    )
+    assert (
+        main(
+            ["inspect", str(inspected), "--out", str(out), "--dashboard-only", "--chunk-size", "16", "--device", "cpu"]
+        )
+        == 0
+    )
     _, records = _load_js(out / "dashboard" / "data" / "features_00000.js", "chunk")
     assert records[3]["tags"] == ["hand-picked", {"mechanism": "induction", "name": "Induction", "score": 0.9}]
     assert records[4]["tags"] == []
@@ -105,7 +125,6 @@ def test_tags_from_files_reach_the_records(inspected, tmp_path):
 
 
 def test_annotators_add_fields_and_tags(inspected, tmp_path, tokenizer):
-    from analysis.dashboard import feature_record, write_dashboard
 
     stats = FeatureStats.load(inspected / "features")
     logits = TopLogits.load(inspected / "features" / "logits.safetensors")
@@ -137,7 +156,7 @@ def test_inspect_user_errors(inspected, tmp_path, capsys):
     code = main(["inspect", str(inspected), "--out", str(broken), "--dashboard-only", "--device", "cpu"])
     _one_line_error(code, capsys.readouterr().err, "tags.json", "fix or delete it")
     code = main(["inspect", str(inspected), "--out", str(tmp_path / "x"), "--top-k", "0", "--device", "cpu"])
-    _one_line_error(code, capsys.readouterr().err, "top-k >= 1")
+    _one_line_error(code, capsys.readouterr().err, "--top-k 0", "at least 1")
 
 
 class _TextUnder(HTMLParser):
@@ -175,8 +194,14 @@ def test_dashboard_renders_in_headless_chromium(inspected, tmp_path):
     _, records = _load_js(run / "dashboard" / "data" / f"features_{f // 16:05d}.js", "chunk")
     r = records[f % 16]
     url = (run / "dashboard" / "index.html").resolve().as_uri() + f"#feature={f}"
-    flags = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-             "--window-size=1400,1000", "--hide-scrollbars"]
+    flags = [
+        browser,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--window-size=1400,1000",
+        "--hide-scrollbars",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     page = _TextUnder(["top-examples", "logit-table", "interval-examples", "tags"])
     page.feed(dom)
@@ -201,6 +226,7 @@ def test_dashboard_renders_in_headless_chromium(inspected, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
     # a feature that does not exist says so
-    dom = subprocess.run([*flags, "--dump-dom", url.replace(f"feature={f}", "feature=4000")], capture_output=True,
-                         text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [*flags, "--dump-dom", url.replace(f"feature={f}", "feature=4000")], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "There is no feature 4000" in dom

@@ -16,7 +16,6 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,17 +23,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from activations.errors import UserError
+from activations.sources import open_text_source
+from activations.store import ActivationStore, StoreConfig
 from sae.config import SAEConfig
 from sae.io import load_sae
 from sae.registry import make_sae
+from sae.sharded import ShardedTopKSAE, load_sharded, shard_range
 from training.config import TrainConfig
-from training.distributed import Ranks, rank_batch_size, resume_position
+from training.data import ActivationBatches
+from training.distributed import DataParallel, LatentSharded, LayerSplit, Ranks, rank_batch_size, resume_position
+from training.trainer import Trainer
 
 WORLD = 2
 D_IN, D_SAE, K = 16, 64, 4
 
 
 # ---- spawning ------------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -44,8 +49,9 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
     try:
         fn(rank, *args)
     finally:
@@ -65,12 +71,12 @@ def _spawn(fn, *args, timeout: float = 240) -> None:
 
 # ---- data parallel -------------------------------------------------------------------------------
 
+
 class ListStore:
-    """Hands out fixed batches `[n, 1, d]` like an ActivationStore (no model), counting them as contexts."""
+    """A training.data.ActivationBatches over fixed batches `[n, 1, d]` (no model), counting them as contexts."""
 
     def __init__(self, batches: list[torch.Tensor]):
-        self.batches = batches
-        self.cfg = SimpleNamespace(batch_size=len(batches[0]))
+        self.batches, self.batch_size = batches, len(batches[0])
         self.scales, self.hook_names, self.contexts_consumed = None, ["h"], 0
 
     def __iter__(self):
@@ -91,21 +97,22 @@ def _global_batches(steps: int = 24, batch: int = 64) -> list[torch.Tensor]:
 
 
 def _trainer(store, run_dir, parallel=None, shard=False):
-    from sae.sharded import ShardedTopKSAE
-    from training.trainer import Trainer
-
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
     # dead_tokens of two steps: latents die and AuxK runs, so the fired-mask OR over ranks matters
-    cfg = TrainConfig(tokens=sum(len(b) for b in store.batches) * (WORLD if parallel else 1), lr=3e-3, warmup_steps=2,
-                      log_every=1, checkpoint_every=8, dead_tokens=128)
+    cfg = TrainConfig(
+        tokens=sum(len(b) for b in store.batches) * (WORLD if parallel else 1),
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=8,
+        dead_tokens=128,
+    )
     return Trainer(ShardedTopKSAE.from_sae(sae) if shard else sae, store, cfg, run_dir, parallel=parallel)
 
 
 def _data_parallel_worker(rank: int, tmp: str) -> None:
     """Each rank gets every other row of each global batch; trains data parallel, then latent sharded."""
-    from training.distributed import DataParallel, LatentSharded
-
     share = [g[rank::WORLD] for g in _global_batches()]
     _trainer(ListStore(share), f"{tmp}/dp", DataParallel()).train()
     sharded = _trainer(ListStore(share), f"{tmp}/sharded", LatentSharded(), shard=True)
@@ -153,9 +160,8 @@ def test_two_process_training_equals_one_process(tmp_path_factory, mode):
 
 # ---- latent sharding -------------------------------------------------------------------------------
 
-def _sharded_worker(rank: int, folder: str) -> None:
-    from sae.sharded import ShardedTopKSAE, load_sharded, shard_range
 
+def _sharded_worker(rank: int, folder: str) -> None:
     torch.manual_seed(0)
     d_sae = 101  # odd: the two slices differ in size
     full = make_sae(SAEConfig(d_in=D_IN, d_sae=d_sae, k=K, aux_k=6))
@@ -217,18 +223,19 @@ def test_latent_sharded_sae_equals_the_unsharded_one(tmp_path):
 
 # ---- layer split -----------------------------------------------------------------------------------
 
-def _layer_split_worker(rank: int) -> None:
-    from training.distributed import LayerSplit
 
+def _layer_split_worker(rank: int) -> None:
     # three hooks, rank r's rows hold value 100*r + 10*step + hook in every coordinate
-    batches = [torch.full((4 + rank, 3, 2), 0.0) + torch.tensor([0.0, 1.0, 2.0])[None, :, None] + 100 * rank + 10 * step
-               for step in range(3)]
+    batches = [
+        torch.full((4 + rank, 3, 2), 0.0) + torch.tensor([0.0, 1.0, 2.0])[None, :, None] + 100 * rank + 10 * step
+        for step in range(3)
+    ]
     store = ListStore(batches)
     store.hook_names = ["a", "b", "c"]
-    store.cfg = SimpleNamespace(batch_size=4 + rank)
     split = LayerSplit(store)
+    assert isinstance(split, ActivationBatches)
     assert split.hook_names == (["a", "c"] if rank == 0 else ["b"])
-    assert split.cfg.batch_size == WORLD * (4 + rank) and split.cfg.hooks == split.hook_names
+    assert split.batch_size == WORLD * (4 + rank)
     if rank == 0:  # rank 0 is done after 2 batches (as after a resume), rank 1 after 3: finish() keeps serving it
         got = [batch for _, batch in zip(range(2), split)]
         split.finish()
@@ -238,8 +245,15 @@ def _layer_split_worker(rank: int) -> None:
     split.finish()  # a second finish (or one after the data ran out) returns at once, on every rank
     assert split.positions == [3, 3]
     for step, batch in enumerate(got):
-        want = torch.cat([torch.full((4 + r, 1, 2), 0.0) + torch.tensor([float(h) for h in split.owned])[None, :, None]
-                          + 100 * r + 10 * step for r in range(WORLD)])
+        want = torch.cat(
+            [
+                torch.full((4 + r, 1, 2), 0.0)
+                + torch.tensor([float(h) for h in split.owned])[None, :, None]
+                + 100 * r
+                + 10 * step
+                for r in range(WORLD)
+            ]
+        )
         assert torch.equal(batch, want), (rank, step)
     with pytest.raises(UserError, match="must give a rank"):
         LayerSplit(store, owners=[0, 5, 1])
@@ -251,20 +265,25 @@ def test_layer_split_sends_each_hook_to_its_owner():
 
 # ---- the store's split, and the CLI's checks ---------------------------------------------------------
 
+
 def test_store_ranks_take_turns_over_the_shared_stream_and_resume_in_place(tiny_llama):
     """Rank r runs model batches r, r+2, ... of the one-process stream; a restarted rank continues at its own
     next batch (contexts_consumed is its position in the shared stream)."""
-    from activations.sources import open_text_source
-    from activations.store import ActivationStore, StoreConfig
 
     def store(rank=0, world=1, skip=0):
-        cfg = StoreConfig(hooks=["blocks.1.hook_resid_post"], context_size=32, model_batch_size=4,
-                          rank=rank, world_size=world, epochs=1)
+        cfg = StoreConfig(
+            hooks=["blocks.1.hook_resid_post"],
+            context_size=32,
+            model_batch_size=4,
+            rank=rank,
+            world_size=world,
+            epochs=1,
+        )
         return ActivationStore(tiny_llama, open_text_source("tinyshakespeare", split="test"), cfg, skip_contexts=skip)
 
     def first(s, n):
         out = []
-        for acts, batch, _ in s.raw_batches():
+        for _acts, batch, _ in s.raw_batches():
             out.append(batch.tokens)
             if len(out) == n:
                 return out
@@ -294,13 +313,28 @@ def test_batch_size_must_split_evenly_and_resume_needs_the_same_ranks():
 
 # ---- the real command line under torchrun ---------------------------------------------------------------
 
-SMALL = ["--hook", "blocks.2.hook_resid_post", "--dataset", "tinyshakespeare", "--batch-size", "512",
-         "--buffer-tokens", "2048", "--context-size", "64", "--expansion", "2", "--k", "8", "--device", "cpu"]
+SMALL = (
+    "--hook blocks.2.hook_resid_post --dataset tinyshakespeare --batch-size 512 --buffer-tokens 2048 "
+    "--context-size 64 --expansion 2 --k 8 --device cpu"
+).split()
 
 
 def _torchrun(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "sae", "train", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "sae",
+        "train",
+        *argv,
+    ]
 
 
 def _kill_tree(pid: int) -> None:
@@ -325,11 +359,25 @@ def test_torchrun_training_killed_then_resumed_end_to_end(tiny_llama_dir, tmp_pa
     """`torchrun --nproc_per_node 2 -m sae train` on the tiny model is SIGKILLed (agent and workers) after its
     first checkpoint; `--resume` under torchrun finishes it and evaluates, with one run folder from rank 0."""
     run = tmp_path / "run"
-    argv = ["--model", tiny_llama_dir, *SMALL, "--tokens", "81920", "--checkpoint-every", "5", "--log-every", "1",
-            "--eval-tokens", "512", "--out", str(run)]
+    argv = [
+        "--model",
+        tiny_llama_dir,
+        *SMALL,
+        "--tokens",
+        "81920",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "1",
+        "--eval-tokens",
+        "512",
+        "--out",
+        str(run),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_torchrun(*argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun(*argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         state = run / "checkpoint" / "trainer_state.pt"
         deadline = time.time() + 240
@@ -361,8 +409,24 @@ def test_torchrun_layer_split_trains_each_hook_on_its_own_rank(tiny_llama_dir, t
     (activations exchanged all-to-all); each SAE has its own folder under the run folder."""
     run = tmp_path / "layers"
     hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
-    argv = ["--model", tiny_llama_dir, *SMALL[2:], "--hooks", ",".join(hooks), "--parallel", "layers",
-            "--tokens", "4096", "--checkpoint-every", "4", "--log-every", "1", "--no-eval", "--out", str(run)]
+    argv = [
+        "--model",
+        tiny_llama_dir,
+        *SMALL[2:],
+        "--hooks",
+        ",".join(hooks),
+        "--parallel",
+        "layers",
+        "--tokens",
+        "4096",
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "1",
+        "--no-eval",
+        "--out",
+        str(run),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(_torchrun(*argv), env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,8 +15,8 @@ def test_default_model_trains_a_useful_sae(tmp_path, capsys):
     assert code == 0, err[-3000:]
     ev = json.loads((run / "eval.json").read_text())
     assert ev["model"] == "smollm2-135m" and ev["hook"] == "blocks.15.hook_resid_pre"
-    assert ev["fvu"] < 0.5                      # far better than predicting the mean (FVU 1)
-    assert ev["ce_recovered"] > 0.5             # splicing the SAE in keeps most of the model's loss
+    assert ev["fvu"] < 0.5  # far better than predicting the mean (FVU 1)
+    assert ev["ce_recovered"] > 0.5  # splicing the SAE in keeps most of the model's loss
     assert ev["ce_loss_clean"] < ev["ce_loss_sae"] < ev["ce_loss_zero"]
     assert ev["l0"] == pytest.approx(32.0, abs=0.5)
     cfg = json.loads((run / "cfg.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from activations.errors import UserError
-from activations.hookpoints import parse_hook, patched, run_with_cache, valid_hook_names, arch_table
+from activations.hookpoints import arch_table, parse_hook, patched, run_with_cache, valid_hook_names
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_gpt2"])

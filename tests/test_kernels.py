@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +28,9 @@ from sae.kernels import (
 )
 from sae.registry import make_sae
 from sae.topk import TopKSAE
+from training import trainer as trainer_module
+from training.config import TrainConfig
+from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -47,7 +49,7 @@ def random_sae(d_in: int, d_sae: int, k: int, seed: int, dtype: str = "float32",
     torch.manual_seed(seed)
     sae = make_sae(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, aux_k=aux_k, dtype=dtype))
     with torch.no_grad():
-        sae.W_enc.normal_(0, d_in ** -0.5)
+        sae.W_enc.normal_(0, d_in**-0.5)
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
     return sae
@@ -138,7 +140,9 @@ def test_topk_fast_training_forward_matches_float64_dense_reference(dead_fractio
 
     assert set(out.losses) == set(want.losses) == {"fvu", "auxk"}
     for name in out.losses:
-        assert abs(out.losses[name].item() - want.losses[name].item()) <= 1e-5 * max(abs(want.losses[name].item()), 1e-3)
+        assert abs(out.losses[name].item() - want.losses[name].item()) <= 1e-5 * max(
+            abs(want.losses[name].item()), 1e-3
+        )
     assert (out.losses["auxk"] > 0) == (dead_fraction > 0)
     assert rel_err(out.x_hat.detach(), want.x_hat.detach()) < 1e-5
     assert torch.equal(out.fired, want.fired) and out.fired.shape == (320,)
@@ -177,10 +181,10 @@ def test_fired_latents_matches_code_fired():
 
 
 class ListStore:
-    """The part of ActivationStore the Trainer reads, over fixed [B, 1, d] batches."""
+    """A training.data.ActivationBatches over fixed [B, 1, d] batches."""
 
     def __init__(self, batches):
-        self.batches, self.cfg = batches, SimpleNamespace(batch_size=len(batches[0]), hooks=["h"])
+        self.batches, self.batch_size = batches, len(batches[0])
         self.hook_names, self.scales, self.contexts_consumed = ["h"], {}, 0
 
     def __iter__(self):
@@ -189,10 +193,6 @@ class ListStore:
 
 def test_trainer_compile_flag_trains_like_eager(tmp_path, monkeypatch):
     """Trainer(compile=True) (sae train --compile) runs the same steps as eager; aot_eager keeps the test fast."""
-    import training.trainer as trainer_module
-    from training.config import TrainConfig
-    from training.trainer import Trainer
-
     monkeypatch.setattr(trainer_module, "COMPILE_BACKEND", "aot_eager")
     batches = [torch.randn(64, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     saes = []
@@ -278,8 +278,9 @@ print("interpreter ok")
 def test_triton_topk_kernel_under_the_interpreter():
     """The real kernel on CPU: TRITON_INTERPRET=1 must be set before triton is imported, so in a subprocess."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0 and "interpreter ok" in done.stdout, done.stderr[-3000:]
 
 

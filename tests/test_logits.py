@@ -1,12 +1,12 @@
-"""Logit attribution: the direct effects add up to the model's own logits (tied, untied, LayerNorm, RMSNorm, Gemma norm)."""
+"""Logit attribution: the direct effects add up to the model's own logits (tied, untied, LayerNorm, RMSNorm,
+Gemma norm)."""
 
 import pytest
 import torch
 
 from activations.errors import UserError
 from activations.models import LoadedModel
-from analysis.logits import (attribute, decoder_directions, direct_effect, feature_logit_weights, top_logits,
-                             unembedding)
+from analysis.logits import attribute, decoder_directions, direct_effect, feature_logit_weights, top_logits, unembedding
 from sae.config import SAEConfig
 from sae.registry import make_sae
 
@@ -26,13 +26,24 @@ def _variant(kind, tokenizer):
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     if kind == "untied":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
     else:
-        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=None, tie_word_embeddings=True))
+        model = Gemma2ForCausalLM(
+            Gemma2Config(**common, head_dim=16, final_logit_softcapping=None, tie_word_embeddings=True)
+        )
     with torch.no_grad():  # random norm weights, so the gain matters
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -57,7 +68,9 @@ def test_direct_effects_add_up_to_the_logit(lm):
         assert total == pytest.approx(result.logit, rel=1e-4, abs=1e-4)
         assert result.features != 0 and result.top and result.bottom
         assert [c.contribution for c in result.top] == sorted((c.contribution for c in result.top), reverse=True)
-        assert all(c.contribution == pytest.approx(c.activation * c.effect, rel=1e-5) for c in result.top + result.bottom)
+        assert all(
+            c.contribution == pytest.approx(c.activation * c.effect, rel=1e-5) for c in result.top + result.bottom
+        )
 
 
 def test_unembedding_is_lm_head_tied_or_not(lm):
@@ -75,12 +88,12 @@ def test_direct_effect_matches_the_attribution(tiny_llama):
     effect = direct_effect(sae, tiny_llama, PROMPT, best.feature)
     assert effect.shape == (len(result.tokens), len(tiny_llama.tokenizer))
     assert effect[5, result.target].item() == pytest.approx(best.contribution, rel=1e-4)
-    assert (effect[0] == 0).all()   # the first position is never encoded
+    assert (effect[0] == 0).all()  # the first position is never encoded
 
 
 def test_top_logits_rank_the_logit_weights(tiny_gpt2):
     sae = _sae(tiny_gpt2)
-    top = top_logits(sae, tiny_gpt2, n=6, chunk=7)   # chunks that do not divide d_sae
+    top = top_logits(sae, tiny_gpt2, n=6, chunk=7)  # chunks that do not divide d_sae
     weights = feature_logit_weights(sae, tiny_gpt2, list(range(sae.cfg.d_sae)))
     assert top.promoted_ids.shape == (sae.cfg.d_sae, 6)
     torch.testing.assert_close(top.promoted, weights.topk(6, dim=-1).values)

@@ -9,16 +9,51 @@ import pytest
 import torch
 
 from activations.errors import UserError
+from activations.models import load_model
+from activations.sources import open_text_source
+from analysis.catalogue import (
+    CATALOGUE,
+    TAGS_FILE,
+    CatalogueConfig,
+    CatalogueResult,
+    detect_run,
+    held_out_text,
+    load_catalogue,
+    load_tags,
+    sae_subject,
+    summary_table,
+    tag_features,
+)
+from analysis.commands.catalogue import describe
+from analysis.detectors import DETECTORS, probes
+from analysis.detectors.output import null_space
+from analysis.detectors.planted import bigram_seen_before, planted_bank, planted_subject, precision_recall, seen_before
+from analysis.logits import unembedding
+from sae.cli import main
+from sae.config import SAEConfig
+from sae.io import save_sae
+from sae.registry import make_sae
 
-REQUIRED = {"token", "previous_token", "positional", "subword_merging", "duplicate_token", "induction", "successor",
-            "token_promoting", "suppression", "entropy", "attention_sink", "script"}
+REQUIRED = {
+    "token",
+    "previous_token",
+    "positional",
+    "subword_merging",
+    "duplicate_token",
+    "induction",
+    "successor",
+    "token_promoting",
+    "suppression",
+    "entropy",
+    "attention_sink",
+    "script",
+}
 
 
 # ---- the catalogue file --------------------------------------------------------------------------
 
+
 def test_catalogue_has_every_required_mechanism_with_sources():
-    from analysis.catalogue import load_catalogue
-    from analysis.detectors import DETECTORS
 
     cat = load_catalogue()
     assert isinstance(cat.version, int) and cat.primer["arxiv"] == "2405.00208"
@@ -29,13 +64,15 @@ def test_catalogue_has_every_required_mechanism_with_sources():
         assert m.papers and all({"authors", "year", "title", "arxiv"} <= set(p) for p in m.papers)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("version: 1\nmechanisms: [{id: x}]\n", "lacks name"),
-    ("mechanisms: []\n", "needs a 'version'"),
-    ("version: 1\nmechanisms: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("version: 1\nmechanisms: [{id: x}]\n", "lacks name"),
+        ("mechanisms: []\n", "needs a 'version'"),
+        ("version: 1\nmechanisms: [\n", "not valid YAML"),
+    ],
+)
 def test_broken_catalogue_files_are_clear_errors(tmp_path, text, match):
-    from analysis.catalogue import load_catalogue
 
     path = tmp_path / "cat.yaml"
     path.write_text(text)
@@ -44,7 +81,6 @@ def test_broken_catalogue_files_are_clear_errors(tmp_path, text, match):
 
 
 def test_catalogue_entry_naming_a_missing_detector_is_a_clear_error(tmp_path):
-    from analysis.catalogue import CATALOGUE, load_catalogue
 
     path = tmp_path / "cat.yaml"
     path.write_text(CATALOGUE.read_text().replace("detector: successor", "detector: succesor"))
@@ -56,18 +92,17 @@ def test_catalogue_entry_naming_a_missing_detector_is_a_clear_error(tmp_path):
 
 # ---- probes --------------------------------------------------------------------------------------
 
+
 def test_probes_put_repeats_and_word_roles_where_they_say(tokenizer):
-    from analysis.detectors import probes
-    from analysis.detectors.planted import bigram_seen_before, seen_before
 
     gen = torch.Generator().manual_seed(0)
     pool = torch.arange(1000, 5000)
     rep = probes.repeated_sequences(pool, 3, 8, gen)
-    assert torch.equal(bigram_seen_before(rep.tokens), rep.masks["condition"])   # exactly the repeated second halves
+    assert torch.equal(bigram_seen_before(rep.tokens), rep.masks["condition"])  # exactly the repeated second halves
     dup = probes.duplicate_sequences(pool, 3, 32, gen)
     cond = dup.masks["condition"]
     assert seen_before(dup.tokens)[cond].all() and not seen_before(dup.tokens)[dup.masks["control"]].any()
-    assert not bigram_seen_before(dup.tokens).any()                               # neighbours never repeat
+    assert not bigram_seen_before(dup.tokens).any()  # neighbours never repeat
     ids = torch.tensor([tokenizer(" unbelievably good", add_special_tokens=False)["input_ids"]])
     start, cont = probes.word_roles(tokenizer, ids)
     pieces = [tokenizer.decode([int(i)]) for i in ids[0]]
@@ -80,17 +115,15 @@ def test_probes_put_repeats_and_word_roles_where_they_say(tokenizer):
 
 # ---- every detector on planted ground truth --------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smol():
-    from activations.models import load_model
 
     return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def held_out(tokenizer):
-    from activations.sources import open_text_source
-    from analysis.catalogue import held_out_text
 
     return held_out_text(open_text_source("wikitext-2", split="test"), tokenizer, 2048, 128, False)
 
@@ -98,9 +131,6 @@ def held_out(tokenizer):
 @pytest.fixture(scope="module")
 def planted(smol, held_out):
     """The standard planted bank on SmolLM2's tokenizer and unembedding, tagged by every detector."""
-    from analysis.catalogue import tag_features
-    from analysis.detectors.planted import planted_bank, planted_subject
-    from analysis.logits import unembedding
 
     un = unembedding(smol)
     W = un.W_U * un.gain
@@ -111,7 +141,6 @@ def planted(smol, held_out):
 
 @pytest.mark.parametrize("mechanism", sorted(REQUIRED))
 def test_detector_finds_planted_features_and_nothing_else(planted, mechanism):
-    from analysis.detectors.planted import precision_recall
 
     bank, result = planted
     threshold = result.detectors[mechanism]["threshold"]
@@ -138,21 +167,26 @@ def test_random_features_stay_unlabelled_and_tags_carry_evidence(planted):
 
 # ---- an SAE with chosen decoder rows, through the real model ----------------------------------------
 
+
 def test_sae_rows_set_to_unembedding_directions_get_output_tags(smol, held_out):
     """Row 0 = unembedding row of ' water' (token-promoting), row 1 its negative (suppression), row 2 in the
     unembedding's null space (entropy), row 3 random (unlabelled)."""
-    from analysis.catalogue import CatalogueConfig, sae_subject, tag_features
-    from analysis.detectors.output import null_space
-    from analysis.logits import unembedding
-    from sae.config import SAEConfig
-    from sae.registry import make_sae
 
     un = unembedding(smol)
     W = un.W_U * un.gain
     water = smol.tokenizer(" water", add_special_tokens=False)["input_ids"][0]
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(d_in=smol.d_model, d_sae=4, k=2, hook_name="blocks.1.hook_resid_pre", hook_layer=1,
-                             model_name="smollm2-135m", context_size=128))
+    sae = make_sae(
+        SAEConfig(
+            d_in=smol.d_model,
+            d_sae=4,
+            k=2,
+            hook_name="blocks.1.hook_resid_pre",
+            hook_layer=1,
+            model_name="smollm2-135m",
+            context_size=128,
+        )
+    )
     rows = torch.stack([W[water], -W[water], null_space(W, un.center)[:3].sum(0), torch.randn(smol.d_model)])
     with torch.no_grad():
         sae.W_dec.copy_(rows / rows.norm(dim=-1, keepdim=True))
@@ -167,25 +201,31 @@ def test_sae_rows_set_to_unembedding_directions_get_output_tags(smol, held_out):
 
 # ---- the whole path on a tiny model, the stored tags and the CLI ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     """A random TopK SAE on the tiny Llama, saved as a run folder."""
-    from sae.config import SAEConfig
-    from sae.io import save_sae
-    from sae.registry import make_sae
 
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(d_in=64, d_sae=128, k=8, hook_name="blocks.2.hook_resid_pre", hook_layer=2,
-                             model_name="tiny", context_size=32, dataset="wikitext-2"))
+    sae = make_sae(
+        SAEConfig(
+            d_in=64,
+            d_sae=128,
+            k=8,
+            hook_name="blocks.2.hook_resid_pre",
+            hook_layer=2,
+            model_name="tiny",
+            context_size=32,
+            dataset="wikitext-2",
+        )
+    )
     return save_sae(sae, tmp_path_factory.mktemp("run")), sae
 
 
 def test_detect_run_stores_tags_and_summary_counts_them(tiny_run, tiny_llama, capsys):
-    from analysis.catalogue import TAGS_FILE, load_tags, summary_table
-    from sae.commands.catalogue import describe, detect_run
 
     folder, _ = tiny_run
-    result = detect_run(folder, lm=tiny_llama, tokens=256, progress=False)
+    result = detect_run(folder, tiny_llama, tokens=256, progress=False)
     stored = json.loads((folder / TAGS_FILE).read_text())
     assert set(stored["scores"]) == REQUIRED and len(stored["scores"]["token"]) == 128
     back = load_tags(folder)
@@ -203,11 +243,9 @@ def test_detect_run_stores_tags_and_summary_counts_them(tiny_run, tiny_llama, ca
 
 
 def test_summary_has_a_column_per_layer(tiny_run, tiny_llama):
-    from analysis.catalogue import CatalogueResult, load_tags, summary_table
-    from sae.commands.catalogue import detect_run
 
     folder, _ = tiny_run
-    one = detect_run(folder, lm=tiny_llama, tokens=256, progress=False, only=["token", "attention_sink"])
+    one = detect_run(folder, tiny_llama, tokens=256, progress=False, only=["token", "attention_sink"])
     other = CatalogueResult.from_json({**load_tags(folder).to_json(), "meta": {"hook": "blocks.3.hook_resid_pre"}})
     other.detectors["token"] = {**other.detectors["token"], "passed": 7}
     header, _, *rows = summary_table({"a": one, "b": other}).splitlines()
@@ -218,8 +256,6 @@ def test_summary_has_a_column_per_layer(tiny_run, tiny_llama):
 
 
 def test_catalogue_command_lists_and_reports_errors(tiny_run, tmp_path, capsys):
-    from sae.cli import main
-    from sae.io import save_sae
 
     assert main(["catalogue"]) == 0
     listing = capsys.readouterr().out
@@ -244,23 +280,49 @@ def test_catalogue_command_lists_and_reports_errors(tiny_run, tmp_path, capsys):
 
 # ---- sae inspect: tags stored, shown per feature and on the mechanisms page ----------------------------
 
+
 def _load_js(path, call):
     text = path.read_text(encoding="utf-8")
-    return json.loads(f"[{text[len(f'SAELAB.{call}('):text.rstrip().rindex(')')]}]")
+    return json.loads(f"[{text[len(f'SAELAB.{call}(') : text.rstrip().rindex(')')]}]")
 
 
 def test_inspect_tags_features_and_the_dashboard_shows_them(tiny_run, tiny_llama_dir, tmp_path):
     import shutil
     import subprocess
 
-    from analysis.catalogue import load_catalogue, load_tags
-    from sae.cli import main
-
     folder, _ = tiny_run
     out = tmp_path / "inspected"
-    assert main(["inspect", str(folder), "--out", str(out), "--model", tiny_llama_dir, "--tokens", "512", "--top-k", "4",
-                 "--left", "3", "--right", "1", "--intervals", "2", "--per-interval", "1", "--chunk-size", "32",
-                 "--mechanism-tokens", "512", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(folder),
+                "--out",
+                str(out),
+                "--model",
+                tiny_llama_dir,
+                "--tokens",
+                "512",
+                "--top-k",
+                "4",
+                "--left",
+                "3",
+                "--right",
+                "1",
+                "--intervals",
+                "2",
+                "--per-interval",
+                "1",
+                "--chunk-size",
+                "32",
+                "--mechanism-tokens",
+                "512",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     stored = load_tags(out)
     assert stored.tags, "the random tiny SAE has token features at layer 2"
     (meta,) = _load_js(out / "dashboard" / "data" / "index.js", "index")
@@ -274,12 +336,23 @@ def test_inspect_tags_features_and_the_dashboard_shows_them(tiny_run, tiny_llama
     assert shown == stored.tags[f] and all(t["section"] and t["evidence"]["probe"] for t in shown)
     assert meta["features"][f][6] == [t["name"] for t in stored.tags[f]]
 
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    browser = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
     url = (out / "dashboard" / "index.html").resolve().as_uri()
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+    ]
     page = subprocess.run([*flags, url + "#catalogue"], capture_output=True, text=True, timeout=120).stdout
     for m in load_catalogue().mechanisms:
         assert f'data-mechanism="{m.id}"' in page and m.name in page

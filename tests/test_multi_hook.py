@@ -70,30 +70,37 @@ def test_resume_when_one_hook_is_behind(tiny_llama, tmp_path):
         """A MultiTrainer over both hooks, resumed from each folder's checkpoint (as `sae train --resume` does)."""
         loaded = [load_checkpoint(d) for d in dirs] if resume else None
         start = resume_point([state for _, state in loaded]) if resume else None
-        store = ActivationStore(tiny_llama, _source(), StoreConfig(hooks=HOOKS, **STORE),
-                                scales=start and start["store_scales"], skip_contexts=start["contexts_consumed"] if start else 0)
+        store = ActivationStore(
+            tiny_llama,
+            _source(),
+            StoreConfig(hooks=HOOKS, **STORE),
+            scales=start and start["store_scales"],
+            skip_contexts=start["contexts_consumed"] if start else 0,
+        )
         trainers = [_trainer(tiny_llama, store, i, d) for i, d in enumerate(dirs)]
         for trainer, (sae, _) in zip(trainers, loaded or []):
             trainer.sae.load_state_dict(sae.state_dict())
         MultiTrainer(trainers, store).train([state for _, state in loaded] if resume else None, stop_after_steps)
         return trainers
 
-    run(resume=False, stop_after_steps=3)                # "killed" after step 3: both checkpointed at step 2
+    run(resume=False, stop_after_steps=3)  # "killed" after step 3: both checkpointed at step 2
     shutil.copytree(dirs[0] / "checkpoint", tmp_path / "step2")
-    run(resume=True, stop_after_steps=3)                 # killed again: both at step 4 ...
-    shutil.rmtree(dirs[0] / "checkpoint")                # ... but hook 0's step-4 checkpoint never landed
+    run(resume=True, stop_after_steps=3)  # killed again: both at step 4 ...
+    shutil.rmtree(dirs[0] / "checkpoint")  # ... but hook 0's step-4 checkpoint never landed
     shutil.copytree(tmp_path / "step2", dirs[0] / "checkpoint")
     states = [load_checkpoint(d)[1] for d in dirs]
     assert [s["step"] for s in states] == [2, 4] and resume_point(states) is states[0]
     for trainer, d in zip(run(resume=True), dirs):
         assert trainer.step == trainer.total_steps == 8
         steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
-        assert steps == list(range(1, 9))   # each step logged once: the hook ahead sat out its batches
+        assert steps == list(range(1, 9))  # each step logged once: the hook ahead sat out its batches
         assert (d / "sae_weights.safetensors").exists()
 
 
-SMALL = ["--dataset", "tinyshakespeare", "--batch-size", "256", "--buffer-tokens", "1024", "--context-size", "64",
-         "--expansion", "2", "--k", "8", "--checkpoint-every", "4", "--device", "cpu", "--no-eval"]
+SMALL = (
+    "--dataset tinyshakespeare --batch-size 256 --buffer-tokens 1024 --context-size 64 --expansion 2 --k "
+    "8 --checkpoint-every 4 --device cpu --no-eval"
+).split()
 
 
 def test_hooks_on_the_command_line_write_a_folder_per_hook_and_resume(tiny_llama_dir, tmp_path, capsys):
@@ -105,17 +112,45 @@ def test_hooks_on_the_command_line_write_a_folder_per_hook_and_resume(tiny_llama
         for name in ("cfg.json", "sae_weights.safetensors", "metrics.jsonl", "checkpoint"):
             assert (run / hook / name).exists(), (hook, name)
         assert load_sae(run / hook).cfg.hook_name == hook
-    assert main([*argv, "--tokens", "2048", "--resume"]) == 0       # continue both to a larger budget
+    assert main([*argv, "--tokens", "2048", "--resume"]) == 0  # continue both to a larger budget
     for hook in HOOKS:
         steps = [json.loads(line)["step"] for line in (run / hook / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1] == 8 and len(steps) == len(set(steps))
-    assert main(["eval", str(run), "--model", tiny_llama_dir, "--dataset", "tinyshakespeare", "--tokens", "256",
-                 "--device", "cpu"]) == 0                          # the run's root evaluates every hook's SAE
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--model",
+                tiny_llama_dir,
+                "--dataset",
+                "tinyshakespeare",
+                "--tokens",
+                "256",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )  # the run's root evaluates every hook's SAE
     for hook in HOOKS:
         ev = json.loads((run / hook / "eval.json").read_text())
         assert ev["hook"] == hook and 0 < ev["fvu"] < 1.5 and ev["tokens"] >= 256
-    assert main(["train", "--model", tiny_llama_dir, *SMALL, "--hooks", "blocks.1.hook_resid_post,blocks.9.hook_resid_post",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny_llama_dir,
+                *SMALL,
+                "--hooks",
+                "blocks.1.hook_resid_post,blocks.9.hook_resid_post",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "unknown hook 'blocks.9.hook_resid_post'" in capsys.readouterr().err
     assert main(["train", "--model", tiny_llama_dir, *SMALL, "--hooks", HOOKS[0], "--hook", HOOKS[1]]) == 2
     assert "either --hook (one SAE) or --hooks" in capsys.readouterr().err
@@ -123,29 +158,76 @@ def test_hooks_on_the_command_line_write_a_folder_per_hook_and_resume(tiny_llama
 
 def test_transcoder_trains_from_mlp_in_to_mlp_out(tiny_llama, tiny_llama_dir, tmp_path, capsys):
     run = tmp_path / "tc"
-    assert main(["train", "--model", tiny_llama_dir, *SMALL, "--architecture", "transcoder", "--tokens", "8192",
-                 "--hook", "blocks.2.hook_mlp_in", "--hook-out", "blocks.2.hook_mlp_out", "--lr", "2e-2",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny_llama_dir,
+                *SMALL,
+                "--architecture",
+                "transcoder",
+                "--tokens",
+                "8192",
+                "--hook",
+                "blocks.2.hook_mlp_in",
+                "--hook-out",
+                "blocks.2.hook_mlp_out",
+                "--lr",
+                "2e-2",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     sae = load_sae(run)
-    assert (sae.cfg.hook_name, sae.cfg.hook_name_out, sae.cfg.hook_layer_out) == ("blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out", 2)
+    assert (sae.cfg.hook_name, sae.cfg.hook_name_out, sae.cfg.hook_layer_out) == (
+        "blocks.2.hook_mlp_in",
+        "blocks.2.hook_mlp_out",
+        2,
+    )
     assert sae.cfg.norm_scale != 1.0 and sae.cfg.norm_scale_out != 1.0 and sae.cfg.norm_scale != sae.cfg.norm_scale_out
     # It predicts the real MLP output from the real MLP input (raw activations, each side's own scale).
-    store = ActivationStore(tiny_llama, open_text_source("tinyshakespeare", split="test"), StoreConfig(hooks=[], context_size=64))
+    store = ActivationStore(
+        tiny_llama, open_text_source("tinyshakespeare", split="test"), StoreConfig(hooks=[], context_size=64)
+    )
     ids = next(store.context_batches()).tokens[:4]
-    cache = run_with_cache(tiny_llama.model, ids, [parse_hook(h, tiny_llama.model) for h in ("blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out")])
+    cache = run_with_cache(
+        tiny_llama.model,
+        ids,
+        [parse_hook(h, tiny_llama.model) for h in ("blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out")],
+    )
     x, y = cache["blocks.2.hook_mlp_in"][:, 1:].reshape(-1, 64), cache["blocks.2.hook_mlp_out"][:, 1:].reshape(-1, 64)
     with torch.no_grad():
         err = (sae.reconstruct_raw(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     logged = [json.loads(line)["fvu"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] < 0.85 * logged[0]
-    assert err < 0.95 and abs(err - logged[-1]) < 0.25   # the raw-space error matches training's: scales are right
+    assert err < 0.95 and abs(err - logged[-1]) < 0.25  # the raw-space error matches training's: scales are right
     # `sae eval` splices the transcoder's prediction in at the MLP output and scores it against the real output.
-    assert main(["eval", str(run), "--model", tiny_llama_dir, "--dataset", "tinyshakespeare", "--tokens", "512",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--model",
+                tiny_llama_dir,
+                "--dataset",
+                "tinyshakespeare",
+                "--tokens",
+                "512",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((run / "eval.json").read_text())
     assert ev["hook"] == "blocks.2.hook_mlp_in -> blocks.2.hook_mlp_out" and 6 < ev["l0"] <= 8
     assert abs(ev["fvu"] - float(err)) < 0.2 and ev["tokens"] >= 512
-    for argv, message in ((["--architecture", "transcoder", "--hook", "blocks.2.hook_mlp_in"], "needs --hook-out"),
-                          (["--hook-out", "blocks.2.hook_mlp_out"], "needs --hook-out")):
+    for argv, message in (
+        (["--architecture", "transcoder", "--hook", "blocks.2.hook_mlp_in"], "needs --hook-out"),
+        (["--hook-out", "blocks.2.hook_mlp_out"], "needs --hook-out"),
+    ):
         assert main(["train", "--model", tiny_llama_dir, *SMALL, *argv, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

@@ -19,6 +19,7 @@ from sae.io import load_sae, save_sae
 from sae.kernels import sparse_decode
 from sae.registry import ARCHITECTURES, make_sae
 from sae.topk import TopKSAE
+from training.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,12 +214,7 @@ def test_planted_dictionary_is_recovered():
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     steps_since_fired = torch.zeros(128, dtype=torch.long)
     for _ in range(300):
-        out = sae.training_forward(batch_of_data(), dead_mask=steps_since_fired > 20)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalise_decoder()
+        out = train_step(sae, opt, batch_of_data(), dead_mask=steps_since_fired > 20).out
         steps_since_fired += 1
         steps_since_fired[out.fired] = 0
     assert mean_max_cos() > 0.9
@@ -231,10 +227,20 @@ def test_planted_dictionary_is_recovered():
 def provenance_cfg(**kw) -> SAEConfig:
     """A config with every provenance field and an extra key set to non-defaults."""
     return SAEConfig(
-        d_in=16, d_sae=64, k=4, aux_k=6, aux_k_coef=0.05,
-        model_name="HuggingFaceTB/SmolLM2-135M", hook_name="blocks.3.hook_resid_post", hook_layer=3,
-        context_size=128, prepend_bos=True, dataset="shared/data/tiny.txt", norm_scale=0.5,
-        extra={"seed": 7, "notes": {"a": [1, 2]}}, **kw,
+        d_in=16,
+        d_sae=64,
+        k=4,
+        aux_k=6,
+        aux_k_coef=0.05,
+        model_name="HuggingFaceTB/SmolLM2-135M",
+        hook_name="blocks.3.hook_resid_post",
+        hook_layer=3,
+        context_size=128,
+        prepend_bos=True,
+        dataset="shared/data/tiny.txt",
+        norm_scale=0.5,
+        extra={"seed": 7, "notes": {"a": [1, 2]}},
+        **kw,
     )
 
 
@@ -252,8 +258,18 @@ def test_config_dict_round_trip_keeps_unknown_keys_in_extra():
 def test_cfg_json_has_saelens_keys(tmp_path):
     save_sae(small_sae(**{"norm_scale": 1.0, "model_name": "m", "hook_name": "blocks.0.hook_resid_pre"}), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                "normalize_activations", "k", "metadata", "saelab"):
+    for key in (
+        "architecture",
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "k",
+        "metadata",
+        "saelab",
+    ):
         assert key in cfg, key
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["k"] == 4
     assert cfg["dtype"] == "float32" and cfg["device"] == "cpu" and cfg["apply_b_dec_to_input"] is True
@@ -269,15 +285,32 @@ def test_cfg_json_has_saelens_keys(tmp_path):
 
 def test_plain_saelens_cfg_is_read():
     plain = {
-        "architecture": "topk", "d_in": 16, "d_sae": 64, "k": 8, "dtype": "torch.float32", "device": "cuda",
-        "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "metadata": {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre", "context_size": 1024,
-                     "prepend_bos": True, "dataset_path": "openwebtext", "hook_head_index": None},
+        "architecture": "topk",
+        "d_in": 16,
+        "d_sae": 64,
+        "k": 8,
+        "dtype": "torch.float32",
+        "device": "cuda",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": {
+            "model_name": "gpt2",
+            "hook_name": "blocks.8.hook_resid_pre",
+            "context_size": 1024,
+            "prepend_bos": True,
+            "dataset_path": "openwebtext",
+            "hook_head_index": None,
+        },
     }
     cfg = SAEConfig.from_file_dict(plain)
     assert (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.k) == ("topk", 16, 64, 8)
     assert (cfg.model_name, cfg.hook_name, cfg.context_size, cfg.prepend_bos, cfg.dataset) == (
-        "gpt2", "blocks.8.hook_resid_pre", 1024, True, "openwebtext")
+        "gpt2",
+        "blocks.8.hook_resid_pre",
+        1024,
+        True,
+        "openwebtext",
+    )
     assert cfg.torch_dtype == torch.float32 and cfg.extra["device"] == "cuda"
 
 
@@ -292,7 +325,7 @@ def test_k_larger_than_d_sae_is_a_user_error():
 
 
 def test_topk_is_registered_when_topk_is_imported_first():
-    """sae.topk imports sae.registry, whose last line imports sae.topk back: no circular-import error."""
+    """Importing an architecture module first still lets sae.registry list every architecture (no import cycle)."""
     code = "import sae.topk; from sae.registry import ARCHITECTURES; assert 'topk' in ARCHITECTURES, ARCHITECTURES"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -367,9 +400,14 @@ BREAKERS = {
     "extra tensor": (lambda f: _write_weights(f, threshold=torch.zeros(64)), "threshold"),
     "wrong shape": (lambda f: _write_weights(f, W_dec=torch.zeros(64, 15)), r"W_dec has shape \(64, 15\).*\(64, 16\)"),
     "cfg shape": (lambda f: _edit_cfg(f, d_sae=65), r"W_enc has shape \(16, 64\).*\(16, 65\)"),
-    "int dtype": (lambda f: _write_weights(f, b_dec=torch.zeros(16, dtype=torch.int32)), "b_dec has non-floating dtype"),
-    "dtype differs": (lambda f: _write_weights(f, W_enc=torch.zeros(16, 64, dtype=torch.float16)),
-                      r"W_enc has dtype torch\.float16 but cfg\.json says dtype torch\.float32"),
+    "int dtype": (
+        lambda f: _write_weights(f, b_dec=torch.zeros(16, dtype=torch.int32)),
+        "b_dec has non-floating dtype",
+    ),
+    "dtype differs": (
+        lambda f: _write_weights(f, W_enc=torch.zeros(16, 64, dtype=torch.float16)),
+        r"W_enc has dtype torch\.float16 but cfg\.json says dtype torch\.float32",
+    ),
     "nan": (lambda f: _write_weights(f, b_enc=torch.full((64,), float("nan"))), "b_enc contains NaN or Inf"),
     "inf": (lambda f: _write_weights(f, W_dec=torch.full((64, 16), float("inf"))), "W_dec contains NaN or Inf"),
 }

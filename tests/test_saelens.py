@@ -25,9 +25,16 @@ from sae.saelens import export_saelens
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
 # fixture folder -> the saelab architecture it must load as
 EXPECTED_ARCH = {
-    "standard": "relu", "standard_no_b_dec_in": "relu", "topk": "topk", "topk_rescaled": "topk",
-    "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu", "batchtopk_training": "jumprelu",
-    "matryoshka_batchtopk": "jumprelu", "matryoshka_batchtopk_training": "jumprelu",
+    "standard": "relu",
+    "standard_no_b_dec_in": "relu",
+    "topk": "topk",
+    "topk_rescaled": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "batchtopk": "jumprelu",
+    "batchtopk_training": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
+    "matryoshka_batchtopk_training": "jumprelu",
 }
 EXPORTABLE = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
 
@@ -54,8 +61,18 @@ def _random_sae(arch: str, norm_scale: float = 1.0, seed: int = 0):
     """An SAE of `arch` with random weights, biases and thresholds (d_in 16, d_sae 32)."""
     torch.manual_seed(seed)
     extra = dict(d_out=12, norm_scale_out=0.7) if arch == "transcoder" else {}
-    sae = make_sae(SAEConfig(d_in=16, d_sae=32, architecture=arch, k=4, norm_scale=norm_scale,
-                             model_name="tiny", hook_name="blocks.1.hook_resid_post", **extra))
+    sae = make_sae(
+        SAEConfig(
+            d_in=16,
+            d_sae=32,
+            architecture=arch,
+            k=4,
+            norm_scale=norm_scale,
+            model_name="tiny",
+            hook_name="blocks.1.hook_resid_post",
+            **extra,
+        )
+    )
     with torch.no_grad():
         for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
             if name == "threshold":
@@ -94,7 +111,9 @@ def test_export_round_trip_through_saelab_and_as_plain_saelens(arch, tmp_path):
     sae = _random_sae(arch, norm_scale=1.7)
     out = export_saelens(sae, tmp_path / "export")
     cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(arch, arch)
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(
+        arch, arch
+    )
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     x_raw = torch.randn(30, 16) * 2
     with torch.no_grad():
@@ -134,12 +153,16 @@ def test_transcoder_cannot_be_exported_to_saelens(tmp_path):
 
 def test_export_command_folds_and_writes_each_hook(tmp_path, capsys):
     run = tmp_path / "run"
-    saes = {h: _random_sae("topk", norm_scale=s, seed=i) for i, (h, s) in
-            enumerate([("blocks.1.hook_resid_post", 2.0), ("blocks.3.hook_resid_post", 0.5)])}
+    saes = {
+        h: _random_sae("topk", norm_scale=s, seed=i)
+        for i, (h, s) in enumerate([("blocks.1.hook_resid_post", 2.0), ("blocks.3.hook_resid_post", 0.5)])
+    }
     for hook, sae in saes.items():
         save_sae(sae, run / hook)
     assert main(["export", str(run), "--format", "saelens", "--out", str(tmp_path / "lens")]) == 0
-    assert main(["export", str(run / "blocks.1.hook_resid_post"), "--fold-scale", "--out", str(tmp_path / "folded")]) == 0
+    assert (
+        main(["export", str(run / "blocks.1.hook_resid_post"), "--fold-scale", "--out", str(tmp_path / "folded")]) == 0
+    )
     x_raw = torch.randn(10, 16)
     with torch.no_grad():
         for hook, sae in saes.items():
@@ -160,6 +183,7 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
 
 
 # ---- with the real sae-lens (run where it is installed) ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", EXPORTABLE)
 def test_saelens_loads_what_saelab_exports(arch, tmp_path):

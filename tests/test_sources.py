@@ -177,7 +177,16 @@ def test_tinyshakespeare_without_local_copy_says_how_to_fix(no_local_data):
 def test_wikitext_without_local_copy_streams_from_hub(no_local_data, monkeypatch):
     import datasets
 
-    rows = [" \n", " = Alpha = \n", " \n", " First . \n", " = = Part = = \n", " Second . \n", " = Beta = \n", " Third . \n"]
+    rows = [
+        " \n",
+        " = Alpha = \n",
+        " \n",
+        " First . \n",
+        " = = Part = = \n",
+        " Second . \n",
+        " = Beta = \n",
+        " Third . \n",
+    ]
     calls = []
 
     def fake_load_dataset(name, config=None, **kwargs):
@@ -348,7 +357,9 @@ def test_unknown_hub_dataset_offline(offline_hub, tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         open_text_source("no-such-org/no-such-dataset", "train")
     message = str(info.value)
-    assert message.startswith("could not open dataset 'no-such-org/no-such-dataset' (split 'train') from the Hugging Face hub:")
+    assert message.startswith(
+        "could not open dataset 'no-such-org/no-such-dataset' (split 'train') from the Hugging Face hub:"
+    )
     assert "no local file or folder" in message
     assert "pass a local .txt/.jsonl/.parquet path or 'wikitext-2'" in message
 

@@ -7,7 +7,9 @@ from activations.errors import UserError
 from activations.hookpoints import parse_hook, run_with_cache
 from activations.models import load_model
 from analysis.steering import generate, measure_effect, steer_fn, steering
+from sae.cli import main
 from sae.config import SAEConfig
+from sae.io import save_sae
 from sae.registry import make_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -30,9 +32,11 @@ def test_adding_moves_the_hook_activation_along_the_decoder_rows(which, hook, re
         steered = run_with_cache(lm.model, ids, [hp])[hook]
     after = run_with_cache(lm.model, ids, [hp])[hook]
     expected = (2.0 * sae.W_dec[3] - 1.5 * sae.W_dec[7]).detach() / sae.cfg.norm_scale
-    torch.testing.assert_close(steered[0, 1:] - clean[0, 1:], expected.expand(ids.shape[1] - 1, -1), atol=1e-5, rtol=1e-4)
-    assert torch.equal(steered[0, 0], clean[0, 0])      # the first position is left alone
-    assert torch.equal(after, clean)                    # hooks are gone after the block
+    torch.testing.assert_close(
+        steered[0, 1:] - clean[0, 1:], expected.expand(ids.shape[1] - 1, -1), atol=1e-5, rtol=1e-4
+    )
+    assert torch.equal(steered[0, 0], clean[0, 0])  # the first position is left alone
+    assert torch.equal(after, clean)  # hooks are gone after the block
 
 
 def test_clamping_is_encode_set_decode_keeping_the_error(tiny_llama):
@@ -79,7 +83,7 @@ def test_positive_steering_raises_the_promoted_tokens_on_the_embedded_default():
     prompts = ["The history of the city begins in the Roman period, when", "She opened the door and saw that the"]
     ids = torch.tensor([lm.tokenizer(prompts[0])["input_ids"]])
     x = run_with_cache(lm.model, ids, [parse_hook(hook, lm.model)])[hook][0, 1:]
-    sae = _sae(lm, hook, d_sae=16, scale=lm.d_model ** 0.5 / x.norm(dim=-1).mean().item())
+    sae = _sae(lm, hook, d_sae=16, scale=lm.d_model**0.5 / x.norm(dim=-1).mean().item())
     music = lm.tokenizer(" music", add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
         row = lm.model.get_output_embeddings().weight[music]
@@ -90,7 +94,7 @@ def test_positive_steering_raises_the_promoted_tokens_on_the_embedded_default():
     assert up.delta > 0 and up.delta > up.delta_suppressed + 0.5
     assert sum(d > 0 for d in up.delta_per_token) >= 6
     assert up.logprob_steered > up.logprob_clean
-    assert down.promoted == up.suppressed                # negative strength flips the ranking
+    assert down.promoted == up.suppressed  # negative strength flips the ranking
     # clamping the planted feature high moves the same way
     clamped = measure_effect(lm, sae, [0], 6.0, prompts, n_tokens=8, clamp=True)
     assert clamped.delta > 0
@@ -119,15 +123,27 @@ def test_user_errors(tiny_llama, tiny_gpt2):
 
 
 def test_steer_command_prints_both_continuations_and_the_measured_effect(tiny_llama_dir, tiny_llama, tmp_path, capsys):
-    from sae.cli import main
-    from sae.io import save_sae
 
     run = tmp_path / "run"
     sae = _sae(tiny_llama)
     sae.cfg.model_name, sae.cfg.dataset = tiny_llama_dir, "tinyshakespeare"
     save_sae(sae, run)
-    argv = ["steer", str(run), "--feature", "3", "--feature", "5", "--strength", "300", "--prompt", "The queen said",
-            "--max-new-tokens", "8", "--device", "cpu"]
+    argv = [
+        "steer",
+        str(run),
+        "--feature",
+        "3",
+        "--feature",
+        "5",
+        "--strength",
+        "300",
+        "--prompt",
+        "The queen said",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
     assert main([*argv, "--measure", "--measure-prompts", "2", "--measure-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "features 3, 5 +300 × decoder direction" in out and "feature 3 promotes" in out
@@ -135,9 +151,26 @@ def test_steer_command_prints_both_continuations_and_the_measured_effect(tiny_ll
     assert "│ steered (+300 × decoder direction)" in header
     assert "measured over 3 prompts" in out and "top 4 promoted tokens: mean log-prob" in out
     plain = generate(tiny_llama, "The queen said", max_new_tokens=8, seed=0)
-    assert plain.split()[0] in out   # the unsteered column is the seeded plain generation
-    assert main([*argv[:2], "--feature", "3", "--strength", "2", "--clamp", "--prompt", "Hi there", "--max-new-tokens", "4",
-                 "--device", "cpu"]) == 0
+    assert plain.split()[0] in out  # the unsteered column is the seeded plain generation
+    assert (
+        main(
+            [
+                *argv[:2],
+                "--feature",
+                "3",
+                "--strength",
+                "2",
+                "--clamp",
+                "--prompt",
+                "Hi there",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "clamped to 2" in capsys.readouterr().out
     assert main([*argv[:2], "--feature", "99", "--strength", "1", "--prompt", "Hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err

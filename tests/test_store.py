@@ -32,10 +32,12 @@ def test_batches_are_a_shuffled_permutation_of_the_stream(tiny_llama, source):
     batches = list(_store(tiny_llama, docs, normalise=False))
     out = torch.cat(batches)[:, 0]
     assert out.shape == raw.shape  # every kept token exactly once (epochs=1 flushes the buffer)
+
     # Same rows as a multiset: sort both lexicographically and compare exactly.
     def lexsorted(t):
         order = np.lexsort(t.numpy().T[::-1])
         return t[torch.from_numpy(order)]
+
     torch.testing.assert_close(lexsorted(out), lexsorted(raw), rtol=0, atol=0)
     # Where in the unshuffled stream did the first batch come from?
     idx = torch.cdist(out, raw).argmin(1)
@@ -61,7 +63,7 @@ def test_normalised_mean_norm_is_sqrt_d(tiny_llama, source):
     store = _store(tiny_llama, _limited(source, 60))
     out = torch.cat(list(store))[:, 0]
     assert store.scales[HOOK] > 0
-    assert out.norm(dim=-1).mean().item() == pytest.approx(tiny_llama.d_model ** 0.5, rel=0.05)
+    assert out.norm(dim=-1).mean().item() == pytest.approx(tiny_llama.d_model**0.5, rel=0.05)
 
 
 def test_several_hooks_come_from_the_same_tokens(tiny_llama, source):
@@ -79,9 +81,22 @@ def _rss_mb() -> float:
 
 def test_memory_stays_bounded_over_a_long_stream(tiny_llama, source):
     # 100k tokens × 4 hooks × 64 dims would be 100 MB if the store kept them; its buffer holds 4 MB.
-    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post"]
-    store = _store(tiny_llama, source, hooks=hooks, epochs=None, buffer_tokens=4096, model_batch_size=32,
-                   context_size=64, batch_size=512)
+    hooks = [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_resid_post",
+    ]
+    store = _store(
+        tiny_llama,
+        source,
+        hooks=hooks,
+        epochs=None,
+        buffer_tokens=4096,
+        model_batch_size=32,
+        context_size=64,
+        batch_size=512,
+    )
     it = iter(store)
     for _ in range(50):
         next(it)

@@ -21,7 +21,9 @@ from activations.tokens import (
 WORDS = "the cat sat on a mat dog ran far away and then came back home".split()
 
 
-def word_tokenizer(*, adds_bos: bool = True, eos: bool = True, model_max_length: int = 10_000) -> PreTrainedTokenizerFast:
+def word_tokenizer(
+    *, adds_bos: bool = True, eos: bool = True, model_max_length: int = 10_000
+) -> PreTrainedTokenizerFast:
     """A tiny word-level tokenizer; with ``adds_bos`` it behaves like Llama-2 and puts BOS in front itself."""
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -48,7 +50,9 @@ def stream_of(contexts: list[Context], skip_bos: bool) -> list[tuple[int, int, i
     out = []
     for context in contexts:
         start = 1 if skip_bos else 0
-        out += list(zip(context.tokens[start:].tolist(), context.doc_ids[start:].tolist(), context.positions[start:].tolist()))
+        out += list(
+            zip(context.tokens[start:].tolist(), context.doc_ids[start:].tolist(), context.positions[start:].tolist())
+        )
     return out
 
 
@@ -147,7 +151,9 @@ def test_provenance_round_trip_on_wikitext(tokenizer):
 
 def test_packs_a_real_source(tokenizer, tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(f'{{"text": "Document {i} says hello to the world."}}\n' for i in range(30)), encoding="utf-8")
+    path.write_text(
+        "".join(f'{{"text": "Document {i} says hello to the world."}}\n' for i in range(30)), encoding="utf-8"
+    )
     contexts = list(pack_contexts(open_text_source(str(path)), tokenizer, context_size=16))
     assert len(contexts) > 5
     assert all(c.tokens.shape == (16,) for c in contexts)
@@ -157,7 +163,9 @@ def test_too_little_text_is_a_user_error(tmp_path):
     tok = word_tokenizer(adds_bos=False)
     path = tmp_path / "tiny.txt"
     path.write_text("the cat sat", encoding="utf-8")
-    with pytest.raises(UserError, match=r"gave only 3 tokens, fewer than one context of 128 tokens.*smaller context size"):
+    with pytest.raises(
+        UserError, match=r"gave only 3 tokens, fewer than one context of 128 tokens.*smaller context size"
+    ):
         list(pack_contexts(open_text_source(str(path)), tok, context_size=128))
 
 

@@ -22,8 +22,11 @@ HOOK = "blocks.2.hook_resid_post"
 
 def _setup(lm, run_dir, tokens=24_576, lr=3e-3, seed=0, **train_kw):
     source = open_text_source("tinyshakespeare", split="train")
-    store = ActivationStore(lm, source, StoreConfig(hooks=[HOOK], context_size=64, model_batch_size=16,
-                                                    batch_size=512, buffer_tokens=4096, seed=seed))
+    store = ActivationStore(
+        lm,
+        source,
+        StoreConfig(hooks=[HOOK], context_size=64, model_batch_size=16, batch_size=512, buffer_tokens=4096, seed=seed),
+    )
     torch.manual_seed(seed)
     sae = make_sae(SAEConfig(d_in=lm.d_model, d_sae=256, k=8, hook_name=HOOK, model_name=lm.name))
     cfg = TrainConfig(tokens=tokens, lr=lr, warmup_steps=5, log_every=1, checkpoint_every=8, seed=seed, **train_kw)
@@ -61,15 +64,20 @@ def test_trainer_learns_logs_and_saves(tiny_llama, tmp_path):
 
 def test_resume_continues_from_the_checkpoint(tiny_llama, tmp_path):
     first = _setup(tiny_llama, tmp_path)
-    first.train(stop_after_steps=20)              # "killed" after step 20; last checkpoint at step 16
+    first.train(stop_after_steps=20)  # "killed" after step 20; last checkpoint at step 16
     ckpt_sae, state = load_checkpoint(tmp_path)
     assert state["step"] == 16 and state["tokens"] == 16 * 512
     assert not (tmp_path / "sae_weights.safetensors").exists()  # no final SAE from an unfinished run
 
     second = _setup(tiny_llama, tmp_path)
     second.sae.load_state_dict(ckpt_sae.state_dict())
-    second.store = ActivationStore(tiny_llama, second.store.source, second.store.cfg,
-                                   scales=state["store_scales"], skip_contexts=state["contexts_consumed"])
+    second.store = ActivationStore(
+        tiny_llama,
+        second.store.source,
+        second.store.cfg,
+        scales=state["store_scales"],
+        skip_contexts=state["contexts_consumed"],
+    )
     assert state["contexts_consumed"] > 0
     second.train(resume_state=state)
     assert second.step == second.total_steps
@@ -81,7 +89,7 @@ def test_resume_continues_from_the_checkpoint(tiny_llama, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path):
-    _setup(tiny_llama, tmp_path).train(stop_after_steps=8)   # healthy until its step-8 checkpoint
+    _setup(tiny_llama, tmp_path).train(stop_after_steps=8)  # healthy until its step-8 checkpoint
     _, good = load_checkpoint(tmp_path)
     trainer = _setup(tiny_llama, tmp_path, lr=1e30, grad_clip=0.0)  # resumed with a learning rate that blows up
     trainer.sae.load_state_dict(_.state_dict())

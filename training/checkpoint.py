@@ -14,11 +14,13 @@ import torch
 from activations.errors import UserError
 from sae.base import SAE
 from sae.io import load_sae, save_sae
+from sae.sharded import load_sharded
 
 STATE_FILE = "trainer_state.pt"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run's last complete checkpoint lives."""
     return Path(run_dir) / "checkpoint"
 
 
@@ -48,14 +50,12 @@ def load_checkpoint(run_dir: Path, device: str = "cpu", shard: bool = False) -> 
         path = run_dir / ".checkpoint-old"  # killed during the swap: the previous one is complete
     if not (path / STATE_FILE).is_file():
         raise UserError(f"{run_dir} has no checkpoint to resume from; start it again without --resume.")
-    if shard:
-        from sae.sharded import load_sharded
-        sae = load_sharded(path, device=device)
-    else:
-        sae = load_sae(path, device=device)
+    sae = load_sharded(path, device=device) if shard else load_sae(path, device=device)
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu" if shard else device, weights_only=False, mmap=shard)
     except Exception as e:
-        raise UserError(f"checkpoint state {path / STATE_FILE} is corrupt ({type(e).__name__}); "
-                        "delete RUN/checkpoint and start the run again without --resume.") from e
+        raise UserError(
+            f"checkpoint state {path / STATE_FILE} is corrupt ({type(e).__name__}); "
+            "delete RUN/checkpoint and start the run again without --resume."
+        ) from e
     return sae, state

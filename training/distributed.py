@@ -9,20 +9,23 @@ with a `LayerSplit` store, `LayerOwner` has each rank train the dictionaries of 
 
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from activations.errors import UserError
-from sae.base import SAE, TrainOutput, batch_variance
+from sae.base import SAE, TrainOutput, Variance
+from sae.sharded import ShardedTopKSAE
+from training.data import ActivationBatches
+from training.step import Forward, clip_grad_norm
 
 # ---- start and stop --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -35,6 +38,7 @@ class Ranks:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0."""
         return self.rank == 0
 
 
@@ -56,14 +60,17 @@ def init_distributed(device: str, timeout_s: float = 1800) -> tuple[Ranks, str]:
     rank, world, local = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if str(device).startswith("cuda"):
         if local >= torch.cuda.device_count():
-            raise UserError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
-                            "start at most one process per GPU with torchrun --nproc_per_node.")
+            raise UserError(
+                f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU with torchrun --nproc_per_node."
+            )
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     backend = backend_for(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=torch.device(device) if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=torch.device(device) if backend == "nccl" else None
+        )
     return Ranks(rank, world, local, backend), device
 
 
@@ -74,6 +81,7 @@ def teardown() -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -81,8 +89,10 @@ def barrier() -> None:
 def rank_batch_size(batch_size: int, ranks: Ranks) -> int:
     """Each rank's share of a global --batch-size (which must split evenly, so every rank's step is alike)."""
     if batch_size % ranks.world_size:
-        raise UserError(f"--batch-size {batch_size} does not split evenly over {ranks.world_size} processes; "
-                        f"use a multiple of {ranks.world_size}, e.g. {batch_size - batch_size % ranks.world_size}.")
+        raise UserError(
+            f"--batch-size {batch_size} does not split evenly over {ranks.world_size} processes; "
+            f"use a multiple of {ranks.world_size}, e.g. {batch_size - batch_size % ranks.world_size}."
+        )
     return batch_size // ranks.world_size
 
 
@@ -90,17 +100,27 @@ def resume_position(state: dict, ranks: Ranks) -> int:
     """This rank's position in the text (contexts consumed) from a checkpoint's trainer state."""
     positions = state.get("data_positions", [state["contexts_consumed"]])
     if len(positions) != ranks.world_size:
-        raise UserError(f"the checkpoint was written by a run of {len(positions)} process(es) but this one has "
-                        f"{ranks.world_size}; resume with the same number (torchrun --nproc_per_node "
-                        f"{len(positions)}, or plain 'sae train' for 1).")
+        raise UserError(
+            f"the checkpoint was written by a run of {len(positions)} process(es) but this one has "
+            f"{ranks.world_size}; resume with the same number (torchrun --nproc_per_node "
+            f"{len(positions)}, or plain 'sae train' for 1)."
+        )
     return int(positions[ranks.rank])
 
 
 PARALLEL_MODES = ("data", "latents", "layers")
 
 
-def split_work(mode: str, ranks: Ranks, store, saes: dict[str, SAE], hooks: list[str], transcoder: bool = False,
-               device: str = "cpu", seed: int = 0):
+def split_work(
+    mode: str,
+    ranks: Ranks,
+    store: ActivationBatches,
+    saes: dict[str, SAE],
+    hooks: list[str],
+    transcoder: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+):
     """How this rank takes part in training one SAE per hook with `--parallel mode`: returns the store it
     reads, the (hook, index in the store's batches) pairs it trains, and a factory of their strategies.
 
@@ -115,13 +135,13 @@ def split_work(mode: str, ranks: Ranks, store, saes: dict[str, SAE], hooks: list
         return store, every, SingleProcess
     if mode == "layers":
         if transcoder:
-            raise UserError("--parallel layers splits SAEs on different hooks; a transcoder has one, "
-                            "so use --parallel data (or latents) for it.")
+            raise UserError(
+                "--parallel layers splits SAEs on different hooks; a transcoder has one, "
+                "so use --parallel data (or latents) for it."
+            )
         split = LayerSplit(store)
         return split, [(hooks[h], i) for i, h in enumerate(split.owned)], lambda: LayerOwner(split)
     if mode == "latents":
-        from sae.sharded import ShardedTopKSAE
-
         for hook in hooks:
             sae = saes[hook]
             if isinstance(sae, ShardedTopKSAE):  # resumed from a checkpoint's slice
@@ -136,6 +156,7 @@ def split_work(mode: str, ranks: Ranks, store, saes: dict[str, SAE], hooks: list
 
 
 # ---- collectives the strategies share ----------------------------------------------------------
+
 
 def comm_device() -> torch.device:
     """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
@@ -154,7 +175,7 @@ def all_gather_rows(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """The ranks' `x` concatenated along dim 0 in rank order (row counts may differ; pass them if known)."""
     sizes = sizes or gather_ints(len(x), x.device)
     padded = x.new_zeros(max(sizes), *x.shape[1:])
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
@@ -183,18 +204,24 @@ def global_variance_share(x: Tensor) -> Tensor:
 
 # ---- strategies ----------------------------------------------------------------------------------
 
+
 class SingleProcess:
-    """One process: the identity for every collective. The base the distributed strategies refine."""
+    """One process: the identity for every collective. The base the distributed strategies refine.
+
+    What the training step itself takes from a strategy is only `wrap` (the forward), `variance` (the loss
+    denominator) and `clip_grad_norm_`; the rest is the trainer's bookkeeping around the step.
+    """
 
     rank, world_size = 0, 1
+    variance: Variance | None = None  # the loss denominator (sae.base.Variance); None: each batch's own
 
     @property
     def writes(self) -> bool:
         """Whether this rank writes the run folder (metrics, checkpoints, the final SAE)."""
         return self.rank == 0
 
-    def wrap(self, sae: SAE) -> Callable[..., TrainOutput]:
-        """The function the trainer calls for one training forward: (x, dead_mask) -> TrainOutput."""
+    def wrap(self, sae: SAE) -> Forward:
+        """The function the training step calls for one training forward (SAE.training_forward's signature)."""
         return sae.training_forward
 
     def step_input(self, x: Tensor) -> Tensor:
@@ -217,8 +244,9 @@ class SingleProcess:
         """A BoolTensor [d_sae] OR-ed over ranks."""
         return fired
 
-    def clip_grad_norm_(self, sae: SAE, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+    def clip_grad_norm_(self, sae: SAE, max_norm: float) -> Tensor:
+        """Clip the gradients to total norm max_norm; returns the norm before clipping."""
+        return clip_grad_norm(sae, max_norm)
 
     def data_positions(self, contexts_consumed: int) -> list[int]:
         """Every rank's position in the text (contexts consumed), in rank order, for checkpoints."""
@@ -253,8 +281,11 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
-        return self.sae.training_forward(x, dead_mask, target)
+    def forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None, variance: Variance | None = None
+    ) -> TrainOutput:
+        """The wrapped SAE's training forward."""
+        return self.sae.training_forward(x, dead_mask, target, variance)
 
 
 class AcrossRanks(SingleProcess):
@@ -279,28 +310,28 @@ class DataParallel(AcrossRanks):
     """Each rank trains on its share of every global batch; DDP averages the gradients.
 
     FVU divides by batch statistics, so a rank's FVU on its own rows would not average to the FVU of
-    the global batch. Inside the training forward, fvu() divides by this rank's share of the global
-    batch's variance (global_variance_share, two small all-reduces), which makes the average of the
-    ranks' losses, and so DDP's averaged gradient, exactly those of one process on the whole batch.
+    the global batch. The training step passes `variance` = global_variance_share (two small all-reduces
+    per denominator) into the forward, so every fvu() and penalty() divides by this rank's share of the
+    global batch's variance, which makes the average of the ranks' losses, and so DDP's averaged
+    gradient, exactly those of one process on the whole batch.
     """
+
+    variance = staticmethod(global_variance_share)
 
     def __init__(self, find_unused_parameters: bool = False):
         super().__init__()
         self.find_unused_parameters = find_unused_parameters
         self.ddp: nn.Module | None = None
 
-    def wrap(self, sae: SAE) -> Callable[..., TrainOutput]:
+    def wrap(self, sae: SAE) -> Forward:
         """DDP around the SAE (it broadcasts rank 0's weights now, then averages gradients in backward)."""
         device = sae.device
         self.ddp = nn.parallel.DistributedDataParallel(
-            TrainingStep(sae), device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=self.find_unused_parameters)
-
-        def forward(x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
-            with batch_variance(global_variance_share):
-                return self.ddp(x, dead_mask, target)
-
-        return forward
+            TrainingStep(sae),
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters,
+        )
+        return self.ddp
 
     def global_batch(self, x: Tensor) -> Tensor:
         return all_gather_rows(x)
@@ -314,13 +345,23 @@ class DataParallel(AcrossRanks):
     def step_stats(self, x: Tensor, out: TrainOutput) -> dict[str, float]:
         x, x_hat = x.float(), out.x_hat.float()
         names = list(out.losses)
-        local = torch.stack([out.loss.detach().float(), *[out.losses[n].float() for n in names],
-                             out.l0.float() * len(x), x.new_tensor(float(len(x))), (x - x_hat).pow(2).sum()])
+        local = torch.stack(
+            [
+                out.loss.detach().float(),
+                *[out.losses[n].float() for n in names],
+                out.l0.float() * len(x),
+                x.new_tensor(float(len(x))),
+                (x - x_hat).pow(2).sum(),
+            ]
+        )
         dist.all_reduce(local)
         n_global = local[-2]
         variance = global_variance_share(x) * (n_global / len(x))
-        stats = {"loss": float(local[0] / self.world_size), "fvu": float(local[-1] / variance.clamp_min(1e-12)),
-                 "l0": float(local[-3] / n_global)}
+        stats = {
+            "loss": float(local[0] / self.world_size),
+            "fvu": float(local[-1] / variance.clamp_min(1e-12)),
+            "l0": float(local[-3] / n_global),
+        }
         stats.update({name: float(local[1 + i] / self.world_size) for i, name in enumerate(names)})
         return stats
 
@@ -333,8 +374,9 @@ class LatentSharded(AcrossRanks):
     def step_input(self, x: Tensor) -> Tensor:
         return all_gather_rows(x)
 
-    def clip_grad_norm_(self, sae, max_norm: float) -> None:
-        sae.clip_grad_norm_(max_norm)
+    def clip_grad_norm_(self, sae: ShardedTopKSAE, max_norm: float) -> Tensor:
+        """Clip by the whole dictionary's gradient norm (the slices' norms combined across ranks)."""
+        return sae.clip_grad_norm_(max_norm)
 
     def full_sae(self, sae) -> SAE | None:
         return sae.to_sae()
@@ -351,9 +393,13 @@ class LatentSharded(AcrossRanks):
         """A copy of an optimiser state with fn(parameter name, tensor) applied to each per-element moment
         (the live state's dicts are shared with the optimiser, so nothing is changed in place)."""
         names = [name for name, _ in sae.named_parameters()]
-        moments = {index: {key: fn(names[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
-                           for key, value in per_param.items()}
-                   for index, per_param in state["state"].items()}
+        moments = {
+            index: {
+                key: fn(names[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in per_param.items()
+            }
+            for index, per_param in state["state"].items()
+        }
         return {**state, "state": moments}
 
 
@@ -361,7 +407,7 @@ class LayerOwner(SingleProcess):
     """The layer split's strategy: this rank trains the dictionaries of its own hooks alone, on the global
     batch a LayerSplit store delivers (so world_size stays 1 for the trainer), and writes their run folders."""
 
-    def __init__(self, split: "LayerSplit"):
+    def __init__(self, split: LayerSplit):
         self.split, self.rank = split, dist.get_rank()
 
     @property
@@ -374,28 +420,33 @@ class LayerOwner(SingleProcess):
 
 # ---- layer split -----------------------------------------------------------------------------------
 
+
 class LayerSplit:
     """A store wrapper for several hooks: every rank runs the model on its own share of the text, then
     an all-to-all sends hook h's activations to the rank that owns h. Each rank sees, for its own hooks
     only, the global batch `[world × batch, n_owned, d]`, and trains their dictionaries alone (no
     gradient traffic at all, as in sparsify's layer distribution)."""
 
-    def __init__(self, store, owners: list[int] | None = None):
+    def __init__(self, store: ActivationBatches, owners: list[int] | None = None):
+        """Wrap this rank's `store`; hook h goes to rank owners[h] (default h % world_size)."""
         self.store = store
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         n_hooks = len(store.hook_names)
         self.owners = owners if owners is not None else [h % self.world_size for h in range(n_hooks)]
         if len(self.owners) != n_hooks or not all(0 <= o < self.world_size for o in self.owners):
-            raise UserError(f"layer split owners {self.owners} must give a rank in 0..{self.world_size - 1} "
-                            f"for each of the {n_hooks} hooks")
+            raise UserError(
+                f"layer split owners {self.owners} must give a rank in 0..{self.world_size - 1} "
+                f"for each of the {n_hooks} hooks"
+            )
         self.owned = [h for h, owner in enumerate(self.owners) if owner == self.rank]
         if not self.owned:
-            raise UserError(f"rank {self.rank} owns none of the {n_hooks} hooks; with a layer split, start at "
-                            "most as many processes as hooks (torchrun --nproc_per_node).")
+            raise UserError(
+                f"rank {self.rank} owns none of the {n_hooks} hooks; with a layer split, start at "
+                "most as many processes as hooks (torchrun --nproc_per_node)."
+            )
         self.positions = [0] * self.world_size  # every rank's contexts_consumed, refreshed with each batch
         self._batches, self._stopped = iter(store), False
-        self.cfg = copy.copy(store.cfg)  # what a trainer reads: the global batch, this rank's hooks
-        self.cfg.batch_size, self.cfg.hooks = store.cfg.batch_size * self.world_size, self.hook_names
+        self.batch_size = store.batch_size * self.world_size  # a trainer here steps on the global batch
 
     @property
     def hook_names(self) -> list[str]:
@@ -404,10 +455,12 @@ class LayerSplit:
 
     @property
     def scales(self) -> dict[str, float] | None:
+        """The wrapped store's normalisation factors (every rank agrees on them)."""
         return self.store.scales
 
     @property
     def contexts_consumed(self) -> int:
+        """This rank's position in the text (its own share of the model forwards)."""
         return self.store.contexts_consumed
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -426,8 +479,9 @@ class LayerSplit:
         if self._stopped:
             return None
         batch = next(self._batches, None)
-        mine = torch.tensor([0 if batch is None else len(batch), self.store.contexts_consumed, int(active)],
-                            device=comm_device())
+        mine = torch.tensor(
+            [0 if batch is None else len(batch), self.store.contexts_consumed, int(active)], device=comm_device()
+        )
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
         sizes, self.positions = [int(t[0]) for t in every], [int(t[1]) for t in every]
@@ -442,7 +496,10 @@ class LayerSplit:
         by_rank = [[h for h, owner in enumerate(self.owners) if owner == q] for q in range(self.world_size)]
         send = torch.cat([batch[:, hooks].reshape(-1) for hooks in by_rank])
         recv = batch.new_empty(sum(sizes) * len(self.owned) * d)
-        dist.all_to_all_single(recv, send.contiguous(),
-                               output_split_sizes=[n * len(self.owned) * d for n in sizes],
-                               input_split_sizes=[len(batch) * len(hooks) * d for hooks in by_rank])
+        dist.all_to_all_single(
+            recv,
+            send.contiguous(),
+            output_split_sizes=[n * len(self.owned) * d for n in sizes],
+            input_split_sizes=[len(batch) * len(hooks) * d for hooks in by_rank],
+        )
         return recv.view(sum(sizes), len(self.owned), d)

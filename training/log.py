@@ -17,15 +17,20 @@ class MetricsLog:
             import wandb
 
             self.wandb_run = wandb.init(
-                project=project, dir=str(run_dir), config=config, name=Path(run_dir).name,
-                mode=os.environ.get("WANDB_MODE", "online"), resume="allow" if resume else None,
+                project=project,
+                dir=str(run_dir),
+                config=config,
+                name=Path(run_dir).name,
+                mode=os.environ.get("WANDB_MODE", "online"),
+                resume="allow" if resume else None,
             )
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines written after the checkpoint so the file has each step once."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict) -> None:

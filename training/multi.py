@@ -9,12 +9,10 @@ ahead sit out the batches they have already trained on.
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import torch
 from tqdm.auto import tqdm
 
 from sae.base import SAE
+from training.data import ActivationBatches
 from training.trainer import Trainer
 
 
@@ -26,7 +24,8 @@ def resume_point(states: list[dict]) -> dict:
 class MultiTrainer:
     """Steps `trainers` (each bound to a different hook index of `store`) on every batch of `store`."""
 
-    def __init__(self, trainers: list[Trainer], store: Iterable[torch.Tensor]):
+    def __init__(self, trainers: list[Trainer], store: ActivationBatches):
+        """trainers: one per hook, each built on this same store (their hook_index picks the hook)."""
         self.trainers, self.store = trainers, store
 
     def train(self, resume_states: list[dict | None] | None = None, stop_after_steps: int | None = None) -> list[SAE]:
@@ -38,8 +37,14 @@ class MultiTrainer:
         step = min(t.step for t in self.trainers)
         total = max(t.total_steps for t in self.trainers)
         writes = all(t.parallel.writes for t in self.trainers)
-        bar = tqdm(total=total, initial=step, desc=f"train {len(self.trainers)} SAEs", unit="step",
-                   dynamic_ncols=True, disable=not writes)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"train {len(self.trainers)} SAEs",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not writes,
+        )
         batches, steps_run = iter(self.store), 0
         try:
             while not all(t.done for t in self.trainers):
@@ -53,9 +58,14 @@ class MultiTrainer:
                 steps_run += 1
                 bar.update(1)
                 if any(t.last_metrics.get("step") == step for t in self.trainers):
-                    bar.set_postfix_str("  ".join(
-                        f"{t.store.hook_names[t.hook_index]} fvu {t.last_metrics['fvu']:.3f} l0 {t.last_metrics['l0']:.1f}"
-                        for t in self.trainers if t.last_metrics))
+                    bar.set_postfix_str(
+                        "  ".join(
+                            f"{self.store.hook_names[t.hook_index]} fvu {t.last_metrics['fvu']:.3f} "
+                            f"l0 {t.last_metrics['l0']:.1f}"
+                            for t in self.trainers
+                            if t.last_metrics
+                        )
+                    )
         finally:
             bar.close()
             for trainer in self.trainers:

@@ -3,14 +3,15 @@ optional output weights) to a `DetectorResult` with a score in [0, 1] for every 
 
 The catalogue (analysis/mechanisms.yaml) names a detector per mechanism and holds its threshold;
 `detect` runs one (cached on the subject, since some detectors reuse others), `detect_all` all.
+This package's __init__ is the one detector table: it imports the detector modules, which import only
+`base`, `probes` and each other, never this table.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Callable
+from collections.abc import Callable
 
-from analysis.detectors.base import DetectorResult, Subject
+from analysis.detectors.base import DetectorResult, Subject, run_once
 from analysis.detectors.ordinal import successor
 from analysis.detectors.output import entropy, suppression, token_promoting
 from analysis.detectors.position import attention_sink, positional
@@ -36,12 +37,7 @@ DETECTORS: dict[str, Callable[[Subject], DetectorResult]] = {
 
 def detect(subject: Subject, name: str) -> DetectorResult:
     """Run detector `name` on `subject` once; later calls return the stored result."""
-    key = f"result:{name}"
-    if key not in subject.cache:
-        started = time.perf_counter()
-        subject.cache[key] = DETECTORS[name](subject)
-        subject.cache[f"seconds:{name}"] = time.perf_counter() - started
-    return subject.cache[key]
+    return run_once(subject, name, DETECTORS[name])
 
 
 def detect_all(subject: Subject, names: list[str] | None = None, progress: bool = False) -> dict[str, DetectorResult]:
@@ -51,8 +47,11 @@ def detect_all(subject: Subject, names: list[str] | None = None, progress: bool 
     for name in names:
         results[name] = detect(subject, name)
         if progress:
-            print(f"  {name:<16} {subject.cache[f'seconds:{name}']:6.1f} s  "
-                  f"max score {float(results[name].score.max()) if len(results[name].score) else 0:.2f}", flush=True)
+            print(
+                f"  {name:<16} {subject.cache[f'seconds:{name}']:6.1f} s  "
+                f"max score {float(results[name].score.max()) if len(results[name].score) else 0:.2f}",
+                flush=True,
+            )
     return results
 
 

@@ -8,37 +8,42 @@ Subject (analysis.catalogue.sae_subject); a bank of planted synthetic features i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-FIRE_FRACTION = 0.1   # a feature "fires" where its activation exceeds this fraction of its reference scale
+FIRE_FRACTION = 0.1  # a feature "fires" where its activation exceeds this fraction of its reference scale
 
 
 @dataclass
 class Subject:
     """The features under test: how they respond to tokens, and (optionally) what they write."""
 
-    encode: Callable[[Tensor], Tensor]    # tokens [B, T] (long) -> activations [B, T, F] (float, >= 0)
+    encode: Callable[[Tensor], Tensor]  # tokens [B, T] (long) -> activations [B, T, F] (float, >= 0)
     n_features: int
-    tokenizer: Any                        # builds word/script/ordinal probes and decodes evidence
-    text: Tensor | None = None            # [B, T] held-out text contexts (token statistics, position 0 included)
-    directions: Tensor | None = None      # [F, d] decoder directions in the model's raw residual space
-    unembed: Tensor | None = None         # [V, d] effective unembedding: W_U with the final norm's gain folded in
-    centre: bool = False                  # the final norm is a LayerNorm: directions are mean-centred first
-    final_resid: Tensor | None = None     # [P, d] sampled residuals entering the final norm (norm-scale evidence)
-    batch_tokens: int = 2048              # tokens per encode() call
+    tokenizer: Any  # builds word/script/ordinal probes and decodes evidence
+    text: Tensor | None = None  # [B, T] held-out text contexts (token statistics, position 0 included)
+    directions: Tensor | None = None  # [F, d] decoder directions in the model's raw residual space
+    unembed: Tensor | None = None  # [V, d] effective unembedding: W_U with the final norm's gain folded in
+    centre: bool = False  # the final norm is a LayerNorm: directions are mean-centred first
+    final_resid: Tensor | None = None  # [P, d] sampled residuals entering the final norm (norm-scale evidence)
+    batch_tokens: int = 2048  # tokens per encode() call
     seed: int = 0
-    cache: dict = field(default_factory=dict)   # shared intermediate results between detectors
+    cache: dict = field(default_factory=dict)  # shared intermediate results between detectors
 
     # ---- activations --------------------------------------------------------------------------
     @torch.inference_mode()
     def acts(self, tokens: Tensor) -> Tensor:
         """Activations [B, T, F] on CPU, running encode() on batch_tokens tokens at a time."""
         rows = max(1, self.batch_tokens // max(tokens.shape[1], 1))
-        out = [self.encode(tokens[start:start + rows]).float().clamp_min(0).cpu() for start in range(0, len(tokens), rows)]
+        out = [
+            self.encode(tokens[start : start + rows]).float().clamp_min(0).cpu()
+            for start in range(0, len(tokens), rows)
+        ]
         return torch.cat(out) if out else torch.zeros(*tokens.shape, self.n_features)
 
     def text_acts(self) -> Tensor:
@@ -76,10 +81,10 @@ class DetectorResult:
     """One detector's verdict on every feature: a score in [0, 1] and the numbers behind it."""
 
     mechanism: str
-    score: Tensor                              # [F] in [0, 1]
-    stats: dict[str, Tensor]                   # named per-feature numbers [F] behind the score
-    probe: str                                 # the probe inputs used, in words
-    details: Callable[[int], dict] | None = None   # extra evidence for one feature (examples, tokens)
+    score: Tensor  # [F] in [0, 1]
+    stats: dict[str, Tensor]  # named per-feature numbers [F] behind the score
+    probe: str  # the probe inputs used, in words
+    details: Callable[[int], dict] | None = None  # extra evidence for one feature (examples, tokens)
 
     def evidence(self, feature: int) -> dict:
         """The statistics for one feature as plain numbers, plus any detector-specific details."""
@@ -90,12 +95,26 @@ class DetectorResult:
         return ev
 
 
+def run_once(subject: Subject, name: str, detector: Callable[[Subject], DetectorResult]) -> DetectorResult:
+    """Run `detector` (registered as `name`) on `subject` once, timing it; later calls return the stored result.
+
+    Lives here so a detector can reuse another's result without importing the detector table.
+    """
+    key = f"result:{name}"
+    if key not in subject.cache:
+        started = time.perf_counter()
+        subject.cache[key] = detector(subject)
+        subject.cache[f"seconds:{name}"] = time.perf_counter() - started
+    return subject.cache[key]
+
+
 def _plain(x: Tensor) -> float | int | bool:
     v = x.item()
     return round(v, 4) if isinstance(v, float) else v
 
 
 # ---- shared statistics ---------------------------------------------------------------------------
+
 
 def contrast(cond: Tensor, ctrl: Tensor, ref: Tensor) -> dict[str, Tensor]:
     """Condition-vs-control statistics for all features at once; `cond` [n1, F], `ctrl` [n2, F].

@@ -11,7 +11,7 @@ from analysis.detectors.base import FIRE_FRACTION, DetectorResult, Subject, zero
 from analysis.detectors.output import logit_z
 
 MIN_FIRINGS = 3
-MIN_Z = 3.0       # the successor must stand out in the whole vocabulary ...
+MIN_Z = 3.0  # the successor must stand out in the whole vocabulary ...
 MIN_MARGIN = 1.0  # ... and beat every other member of its sequence by this many z units
 
 
@@ -37,7 +37,7 @@ def successor(subject: Subject) -> DetectorResult:
     tokens = torch.cat([t.reshape(-1) for t in token_rows])
     acts = torch.cat([a.reshape(-1, subject.n_features) for a in act_rows])
     is_elem = member_fam[tokens] >= 0
-    elem = acts[is_elem]                                                     # [nE, F]
+    elem = acts[is_elem]  # [nE, F]
     fam_of, idx_of = member_fam[tokens[is_elem]], member_idx[tokens[is_elem]]
 
     # direct logit effect (z over the vocabulary) on every family member: [F, sum of family sizes]
@@ -49,7 +49,7 @@ def successor(subject: Subject) -> DetectorResult:
         rows = fam_of == fam
         if not rows.any():
             continue
-        block = logits[:, offsets[fam]:offsets[fam] + sizes[fam]]          # [F, n]
+        block = logits[:, offsets[fam] : offsets[fam] + sizes[fam]]  # [F, n]
         top2 = block.topk(2, dim=-1)
         clear = (top2.values[:, 0] >= MIN_Z) & (top2.values[:, 0] - top2.values[:, 1] >= MIN_MARGIN)
         is_succ[rows] = (top2.indices[:, 0][None, :] == (idx_of[rows] + 1)[:, None]) & clear[None, :]
@@ -70,12 +70,15 @@ def successor(subject: Subject) -> DetectorResult:
         out = []
         for i in order[a[order] > 0].tolist():
             fam, k = int(fam_of[i]), int(idx_of[i])
-            block = logits[f, offsets[fam]:offsets[fam] + sizes[fam]]
-            out.append([tok.decode([fam_ids[fam][k]]), round(float(a[i]), 3),
-                        tok.decode([fam_ids[fam][int(block.argmax())]])])
+            block = logits[f, offsets[fam] : offsets[fam] + sizes[fam]]
+            out.append(
+                [tok.decode([fam_ids[fam][k]]), round(float(a[i]), 3), tok.decode([fam_ids[fam][int(block.argmax())]])]
+            )
         return {"fires_on_then_promotes": out}
 
     names = ", ".join(p.families)
-    probe = (f"{len(p.tokens)} ordinal lists ({names}){' and held-out text' if subject.text is not None else ''}: "
-             "positions holding a sequence element against all other positions")
+    probe = (
+        f"{len(p.tokens)} ordinal lists ({names}){' and held-out text' if subject.text is not None else ''}: "
+        "positions holding a sequence element against all other positions"
+    )
     return DetectorResult("successor", score, stats, probe, details)

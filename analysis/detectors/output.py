@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 from analysis.detectors.base import DetectorResult, Subject, zero_result
+from analysis.detectors.token import text_token_stats
 
-TOP_K = 5             # tokens averaged for the promoted / suppressed z statistics
-SHOW_K = 10           # tokens listed in the evidence
-N_RANDOM = 512        # random directions for the null distribution
+TOP_K = 5  # tokens averaged for the promoted / suppressed z statistics
+SHOW_K = 10  # tokens listed in the evidence
+N_RANDOM = 512  # random directions for the null distribution
 NULL_QUANTILE = 0.99
 NULL_FRACTION = 0.02  # the bottom 2% of singular directions form the effective null space
-SHARED = 2            # top singular directions removed before z-scoring (they move most logits together)
+SHARED = 2  # top singular directions removed before z-scoring (they move most logits together)
 
 
 def _centred(x: Tensor, centre: bool) -> Tensor:
@@ -30,11 +31,13 @@ def _z_stats(directions: Tensor, unembed: Tensor, centre: bool, shared: Tensor, 
     and z of the SHOW_K most promoted and suppressed tokens. The components along `shared` [d, k] (the
     unembedding's top right singular vectors, which move most logits together, by token frequency and
     for a few outlier tokens, rather than selecting tokens) are removed first."""
-    out: dict[str, list[Tensor]] = {k: [] for k in ("mean", "std", "z_top", "z_bottom", "top_ids", "bottom_ids", "top_z", "bottom_z")}
+    out: dict[str, list[Tensor]] = {
+        k: [] for k in ("mean", "std", "z_top", "z_bottom", "top_ids", "bottom_ids", "top_z", "bottom_z")
+    }
     for start in range(0, len(directions), chunk):
-        d = _centred(directions[start:start + chunk].float(), centre)
+        d = _centred(directions[start : start + chunk].float(), centre)
         d = d - (d @ shared) @ shared.T
-        logits = d @ unembed.T                                                          # [c, V]
+        logits = d @ unembed.T  # [c, V]
         mean, std = logits.mean(-1, keepdim=True), logits.std(-1, keepdim=True).clamp_min(1e-12)
         z = (logits - mean) / std
         top = z.topk(SHOW_K, dim=-1)
@@ -92,11 +95,13 @@ def _output_detector(subject: Subject, mechanism: str, side: str) -> DetectorRes
     other = "bottom" if side == "top" else "top"
     z_null = s["z_null"]
     strength = ((s[f"z_{side}"] - torch.maximum(s[f"z_{other}"], z_null)) / z_null).clamp(0, 1)
-    magnitude = ((s["std"] / s["std_null"] - 0.6) / 0.3).clamp(0, 1)   # 0 at 0.6 of a random spread, 1 from 0.9
+    magnitude = ((s["std"] / s["std_null"] - 0.6) / 0.3).clamp(0, 1)  # 0 at 0.6 of a random spread, 1 from 0.9
     score = strength * magnitude
     stats = {
-        f"z_{side}": s[f"z_{side}"], f"z_{other}": s[f"z_{other}"],
-        "z_null": z_null.expand(subject.n_features), "magnitude": magnitude,
+        f"z_{side}": s[f"z_{side}"],
+        f"z_{other}": s[f"z_{other}"],
+        "z_null": z_null.expand(subject.n_features),
+        "magnitude": magnitude,
     }
     if side == "bottom":
         stats["own_token_percentile"] = _own_token_percentile(subject)
@@ -113,16 +118,14 @@ def _output_detector(subject: Subject, mechanism: str, side: str) -> DetectorRes
 def _own_token_percentile(subject: Subject) -> Tensor:
     """Copy-suppression evidence: where the tokens a feature fires on (its top 3 tokens on held-out
     text) sit in its own direct logit effect, as a percentile (0 = most suppressed); 0.5 = no relation."""
-    from analysis.detectors.token import text_token_stats
-
     if subject.text is None:
         return torch.full((subject.n_features,), float("nan"))
-    top_ids = text_token_stats(subject)["cur_top_ids"]     # [F, 3]
+    top_ids = text_token_stats(subject)["cur_top_ids"]  # [F, 3]
     out = []
     unembed = subject.unembed.float()
     for start in range(0, subject.n_features, 256):
-        logits = _centred(subject.directions[start:start + 256].float(), subject.centre) @ unembed.T
-        own = logits.gather(1, top_ids[start:start + 256])                      # [c, 3]
+        logits = _centred(subject.directions[start : start + 256].float(), subject.centre) @ unembed.T
+        own = logits.gather(1, top_ids[start : start + 256])  # [c, 3]
         pct = (logits[:, None, :] < own[:, :, None]).float().mean(-1).mean(-1)  # [c]
         out.append(pct)
     return torch.cat(out)
@@ -175,11 +178,10 @@ def entropy(subject: Subject) -> DetectorResult:
         return zero_result("entropy", subject.n_features, "no decoder directions / unembedding given")
     _, evecs = _subject_spectrum(subject)
     k = max(4, round(NULL_FRACTION * subject.unembed.shape[1]))
-    basis = evecs[:, :k].T                                              # [k, d]
+    basis = evecs[:, :k].T  # [k, d]
     dirs = _centred(subject.directions.float(), subject.centre)
     frac = ((dirs @ basis.T).pow(2).sum(-1) / dirs.pow(2).sum(-1).clamp_min(1e-12)).clamp(0, 1)
-    stats = {"null_space_fraction": frac,
-             "random_expectation": torch.full_like(frac, basis.shape[0] / basis.shape[1])}
+    stats = {"null_space_fraction": frac, "random_expectation": torch.full_like(frac, basis.shape[0] / basis.shape[1])}
     scale = subject.reference() if subject.text is not None else torch.ones(subject.n_features)
     if subject.final_resid is not None:
         stats["final_norm_change"] = _norm_change(subject, scale)
@@ -187,21 +189,25 @@ def entropy(subject: Subject) -> DetectorResult:
     def details(f: int) -> dict:
         if subject.final_resid is None:
             return {}
-        return {"entropy_change_nats": round(_entropy_change(subject, f, float(scale[f])), 4),
-                "at_activation": round(float(scale[f]), 4)}
+        return {
+            "entropy_change_nats": round(_entropy_change(subject, f, float(scale[f])), 4),
+            "at_activation": round(float(scale[f]), 4),
+        }
 
-    probe = (f"decoder direction against the bottom {basis.shape[0]} of {basis.shape[1]} singular directions "
-             "of the unembedding; final-norm change at the feature's max activation on sampled final residuals")
+    probe = (
+        f"decoder direction against the bottom {basis.shape[0]} of {basis.shape[1]} singular directions "
+        "of the unembedding; final-norm change at the feature's max activation on sampled final residuals"
+    )
     return DetectorResult("entropy", frac, stats, probe, details)
 
 
 def _norm_change(subject: Subject, scale: Tensor) -> Tensor:
     """Mean relative change of the final norm's RMS when a_f * direction_f is added to each sampled
     final residual (a_f = the feature's max activation on held-out text)."""
-    x = _centred(subject.final_resid.float(), subject.centre)                  # [P, d]
+    x = _centred(subject.final_resid.float(), subject.centre)  # [P, d]
     dirs = _centred(subject.directions.float(), subject.centre) * scale[:, None]  # [F, d]
-    base = x.pow(2).sum(-1, keepdim=True)                                      # [P, 1]
-    new = base + 2 * x @ dirs.T + dirs.pow(2).sum(-1)[None]                    # [P, F]
+    base = x.pow(2).sum(-1, keepdim=True)  # [P, 1]
+    new = base + 2 * x @ dirs.T + dirs.pow(2).sum(-1)[None]  # [P, F]
     return (new.clamp_min(0) / base.clamp_min(1e-12)).sqrt().mean(0) - 1
 
 

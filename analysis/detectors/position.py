@@ -45,8 +45,8 @@ def peak_contrast(acts: Tensor, peak: Tensor, ref: Tensor) -> dict[str, Tensor]:
     """Contrast of each feature's peak position bin (`peak` [F]) against its other positions 1..T-1."""
     b, t, f = acts.shape
     bins = log_bins(t)
-    a = acts[:, 1:].reshape(-1, f)                                         # [B * (T-1), F]
-    in_peak = (bins[None, :].expand(b, -1).reshape(-1)[:, None] == peak[None, :])   # [B * (T-1), F]
+    a = acts[:, 1:].reshape(-1, f)  # [B * (T-1), F]
+    in_peak = bins[None, :].expand(b, -1).reshape(-1)[:, None] == peak[None, :]  # [B * (T-1), F]
     return masked_contrast(a, in_peak, ~in_peak, ref)
 
 
@@ -65,25 +65,35 @@ def positional(subject: Subject) -> DetectorResult:
     sources = [_sweep(subject)] + ([subject.text_acts()] if subject.text is not None else [])
     etas, profiles = zip(*(eta_squared(a) for a in sources))
     eta = torch.stack(etas).amin(0)
-    peak = torch.stack(profiles).mean(0).argmax(0)                          # [F] bin with the highest mean
+    peak = torch.stack(profiles).mean(0).argmax(0)  # [F] bin with the highest mean
     peaks = [peak_contrast(a, peak, subject.reference(a[:, 1:])) for a in sources]
     peak_score = torch.stack([p["score"] for p in peaks]).amin(0)
     score = torch.maximum(eta, peak_score)
     means = profiles[-1]
-    stats = {"eta2": eta, "peak_score": peak_score,
-             "peak_reliability": torch.stack([p["reliability"] for p in peaks]).amin(0)}
+    stats = {
+        "eta2": eta,
+        "peak_score": peak_score,
+        "peak_reliability": torch.stack([p["reliability"] for p in peaks]).amin(0),
+    }
     length = sources[0].shape[1]
     bins = log_bins(length)
-    ranges = [(int((bins == i).nonzero()[0]) + 1, int((bins == i).nonzero()[-1]) + 1) for i in range(int(bins.max()) + 1)]
+    ranges = [
+        (int((bins == i).nonzero()[0]) + 1, int((bins == i).nonzero()[-1]) + 1) for i in range(int(bins.max()) + 1)
+    ]
 
     def details(f: int) -> dict:
-        return {"mean_by_position": [[f"{lo}-{hi}" if hi > lo else str(lo), round(float(m), 3)]
-                                     for (lo, hi), m in zip(ranges, means[:, f])],
-                "peak_positions": "{}-{}".format(*ranges[int(peak[f])])}
+        return {
+            "mean_by_position": [
+                [f"{lo}-{hi}" if hi > lo else str(lo), round(float(m), 3)] for (lo, hi), m in zip(ranges, means[:, f])
+            ],
+            "peak_positions": "{}-{}".format(*ranges[int(peak[f])]),
+        }
 
-    probe = (f"{SWEEP_ROWS} random-token sequences of {length} tokens"
-             + (f" and {len(subject.text)} held-out text contexts" if subject.text is not None else "")
-             + f"; positions 1..{length - 1} in {len(ranges)} log-spaced bins")
+    probe = (
+        f"{SWEEP_ROWS} random-token sequences of {length} tokens"
+        + (f" and {len(subject.text)} held-out text contexts" if subject.text is not None else "")
+        + f"; positions 1..{length - 1} in {len(ranges)} log-spaced bins"
+    )
     return DetectorResult("positional", score, stats, probe, details)
 
 
@@ -106,5 +116,6 @@ def attention_sink(subject: Subject) -> DetectorResult:
     massive = first.mean(0) / rest.amax(0).clamp_min(1e-12)
     stats = {k: c[k] for k in ("selectivity", "reliability", "mean_condition", "mean_control")}
     stats["first_vs_max_elsewhere"] = massive.clamp(max=1e6)
-    return DetectorResult("attention_sink", c["score"], stats,
-                          "position 0 against positions 1.. of " + ", ".join(described))
+    return DetectorResult(
+        "attention_sink", c["score"], stats, "position 0 against positions 1.. of " + ", ".join(described)
+    )

@@ -66,11 +66,14 @@ def repeated_sequences(pool: Tensor, rows: int, half: int, gen: torch.Generator)
     repeated = torch.cat([first[:, :half], first[:, :half]], dim=1)
     fresh = first  # its second half is other random tokens, distinct from the first half
     second = torch.zeros(rows, 2 * half, dtype=torch.bool)
-    second[:, half + 1:] = True
-    return Probe(torch.cat([repeated, fresh]), {
-        "condition": torch.cat([second, torch.zeros_like(second)]),
-        "control": torch.cat([torch.zeros_like(second), second]),
-    })
+    second[:, half + 1 :] = True
+    return Probe(
+        torch.cat([repeated, fresh]),
+        {
+            "condition": torch.cat([second, torch.zeros_like(second)]),
+            "control": torch.cat([torch.zeros_like(second), second]),
+        },
+    )
 
 
 def duplicate_sequences(pool: Tensor, rows: int, length: int, gen: torch.Generator, every: int = 4) -> Probe:
@@ -84,10 +87,13 @@ def duplicate_sequences(pool: Tensor, rows: int, length: int, gen: torch.Generat
         src = torch.randint(1, t - 2, (rows,), generator=gen)
         dup[:, t] = dup[torch.arange(rows), src]
         cond[:, t] = True
-    return Probe(torch.cat([dup, base]), {
-        "condition": torch.cat([cond, torch.zeros_like(cond)]),
-        "control": torch.cat([torch.zeros_like(cond), cond]),
-    })
+    return Probe(
+        torch.cat([dup, base]),
+        {
+            "condition": torch.cat([cond, torch.zeros_like(cond)]),
+            "control": torch.cat([torch.zeros_like(cond), cond]),
+        },
+    )
 
 
 def interleaved(pool: Tensor, targets: Tensor, reps: int, gen: torch.Generator, per_row: int = 32) -> Probe:
@@ -97,7 +103,7 @@ def interleaved(pool: Tensor, targets: Tensor, reps: int, gen: torch.Generator, 
     for _ in range(reps):
         order = targets[torch.randperm(len(targets), generator=gen)]
         for start in range(0, len(order), per_row):
-            chunk = order[start:start + per_row]
+            chunk = order[start : start + per_row]
             row = random_tokens(pool, (2 * len(chunk) + 2,), gen)
             row[1:-1:2] = chunk
             m = torch.zeros(len(row), dtype=torch.bool)
@@ -136,8 +142,9 @@ def word_roles(tokenizer, tokens: Tensor) -> tuple[Tensor, Tensor]:
     followed by a letter; a continuation begins with a letter right after a token ending in a letter."""
     table = decoded_table(tokenizer, tokens)
     starts_letter = torch.tensor([bool(table[i][:1].isalpha()) for i in tokens.flatten().tolist()]).view_as(tokens)
-    starts_word = torch.tensor([len(table[i]) > 1 and table[i][0] in " \n" and table[i][1].isalpha()
-                                for i in tokens.flatten().tolist()]).view_as(tokens)
+    starts_word = torch.tensor(
+        [len(table[i]) > 1 and table[i][0] in " \n" and table[i][1].isalpha() for i in tokens.flatten().tolist()]
+    ).view_as(tokens)
     ends_letter = torch.tensor([bool(table[i][-1:].isalpha()) for i in tokens.flatten().tolist()]).view_as(tokens)
     continuation = torch.zeros_like(starts_letter)
     continuation[:, 1:] = starts_letter[:, 1:] & ends_letter[:, :-1]
@@ -193,17 +200,21 @@ def ordinal_lists(tokenizer, gen: torch.Generator, per_family: int = 4, length: 
                 idx += [k] + [-1] * len(sep)
             seqs.append((toks, fams, idx))
     if not seqs:
-        return OrdinalProbe(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
-                            torch.zeros(0, 1, dtype=torch.long), {})
+        return OrdinalProbe(
+            torch.zeros(0, 1, dtype=torch.long),
+            torch.zeros(0, 1, dtype=torch.long),
+            torch.zeros(0, 1, dtype=torch.long),
+            {},
+        )
     n = max(len(s[0]) for s in seqs) + 1
     pad_id = tokenizer(".", add_special_tokens=False)["input_ids"][0]
     tokens = torch.full((len(seqs), n), pad_id)
     family = torch.full((len(seqs), n), -1)
     index = torch.full((len(seqs), n), -1)
     for r, (t, f, i) in enumerate(seqs):  # position 0 is a '.' so no element sits at position 0
-        tokens[r, 1:1 + len(t)] = torch.tensor(t)
-        family[r, 1:1 + len(t)] = torch.tensor(f)
-        index[r, 1:1 + len(t)] = torch.tensor(i)
+        tokens[r, 1 : 1 + len(t)] = torch.tensor(t)
+        family[r, 1 : 1 + len(t)] = torch.tensor(f)
+        index[r, 1 : 1 + len(t)] = torch.tensor(i)
     return OrdinalProbe(tokens, family, index, families)
 
 
@@ -212,9 +223,9 @@ class ScriptProbe:
     """Texts in several scripts/languages, one per row (padded), with per-row group labels."""
 
     tokens: Tensor
-    valid: Tensor          # [B, T] real (non-pad) positions
-    script: list[str]      # per row
-    language: list[str]    # per row
+    valid: Tensor  # [B, T] real (non-pad) positions
+    script: list[str]  # per row
+    language: list[str]  # per row
 
 
 def script_texts(tokenizer) -> ScriptProbe:
@@ -229,7 +240,7 @@ def script_texts(tokenizer) -> ScriptProbe:
     tokens = torch.zeros(len(rows), n, dtype=torch.long)
     valid = torch.zeros(len(rows), n, dtype=torch.bool)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-        tokens[i, len(r):] = r[-1]
-        valid[i, :len(r)] = True
+        tokens[i, : len(r)] = r
+        tokens[i, len(r) :] = r[-1]
+        valid[i, : len(r)] = True
     return ScriptProbe(tokens, valid, scripts, languages)

@@ -12,13 +12,20 @@ from __future__ import annotations
 import torch
 
 from analysis.detectors import probes
-from analysis.detectors.base import DetectorResult, Subject, contrast, masked_contrast
+from analysis.detectors.base import (
+    DetectorResult,
+    Subject,
+    contrast,
+    masked_contrast,
+    run_once,
+)
+from analysis.detectors.output import logit_summary, token_promoting
 
 DUP_ROWS, DUP_LENGTH = 16, 64
 REP_ROWS, REP_HALF = 12, 24
 COPY_REPS, COPY_HALF = 4, 24
-COPY_MIN_HITS = 2          # copy route: firings needed at the feature's induction targets
-COPY_MIN_PROMOTING = 0.25   # copy route: only features whose top token stands out this much (token_promoting score)
+COPY_MIN_HITS = 2  # copy route: firings needed at the feature's induction targets
+COPY_MIN_PROMOTING = 0.25  # copy route: only features whose top token stands out this much (token_promoting score)
 
 
 def _duplicates(subject: Subject) -> dict:
@@ -33,8 +40,12 @@ def _repeats(subject: Subject) -> dict:
     if "repeats" not in subject.cache:
         probe = probes.repeated_sequences(probes.token_pool(subject), REP_ROWS, REP_HALF, subject.generator(13))
         acts = subject.acts(probe.tokens)
-        subject.cache["repeats"] = {"cond": acts[probe.masks["condition"]], "ctrl": acts[probe.masks["control"]],
-                                    "tokens": probe.tokens, "acts": acts}
+        subject.cache["repeats"] = {
+            "cond": acts[probe.masks["condition"]],
+            "ctrl": acts[probe.masks["control"]],
+            "tokens": probe.tokens,
+            "acts": acts,
+        }
     return subject.cache["repeats"]
 
 
@@ -43,8 +54,10 @@ def duplicate_token(subject: Subject) -> DetectorResult:
     d = _duplicates(subject)
     c = contrast(d["cond"], d["ctrl"], subject.reference(d["cond"]))
     stats = {k: c[k] for k in ("selectivity", "reliability", "mean_condition", "mean_control")}
-    probe = (f"{DUP_ROWS} random sequences of {DUP_LENGTH} distinct tokens where every 4th position from 8 on "
-             "copies a random earlier token, against the same positions of the unmodified sequences")
+    probe = (
+        f"{DUP_ROWS} random sequences of {DUP_LENGTH} distinct tokens where every 4th position from 8 on "
+        "copies a random earlier token, against the same positions of the unmodified sequences"
+    )
     return DetectorResult("duplicate_token", c["score"], stats, probe)
 
 
@@ -57,19 +70,27 @@ def induction(subject: Subject) -> DetectorResult:
     iso = d["cond"].mean(0)
     iso_ratio = (iso / mean_rep.clamp_min(1e-12)).clamp(0, 1)
     generic = torch.minimum(rep["score"], 1 - iso_ratio)
-    stats = {"repeat_selectivity": rep["selectivity"], "repeat_reliability": rep["reliability"],
-             "isolated_repeat_ratio": iso_ratio, "generic_score": generic}
+    stats = {
+        "repeat_selectivity": rep["selectivity"],
+        "repeat_reliability": rep["reliability"],
+        "isolated_repeat_ratio": iso_ratio,
+        "generic_score": generic,
+    }
     score = generic
     copy = _copy_route(subject)
     if copy is not None:
         stats["copy_score"] = copy["score"]
         stats["copy_reliability"] = copy["reliability"]
         score = torch.maximum(generic, copy["score"])
-    probe = (f"{REP_ROWS} sequences of {REP_HALF} random tokens repeated once, against the same first halves "
-             "followed by fresh tokens; isolated repeats from the duplicate-token probe")
+    probe = (
+        f"{REP_ROWS} sequences of {REP_HALF} random tokens repeated once, against the same first halves "
+        "followed by fresh tokens; isolated repeats from the duplicate-token probe"
+    )
     if copy is not None:
-        probe += (f"; copy route: each feature's top promoted token inside repeated random sequences "
-                  f"({COPY_REPS} repetitions), read where that token is the induction target")
+        probe += (
+            f"; copy route: each feature's top promoted token inside repeated random sequences "
+            f"({COPY_REPS} repetitions), read where that token is the induction target"
+        )
     tokens, acts = r["tokens"], r["acts"]
 
     def details(f: int) -> dict:
@@ -85,10 +106,7 @@ def _copy_route(subject: Subject) -> dict | None:
     earlier [A][B] makes B the induction target), not elsewhere in the same sequences."""
     if not subject.has_output:
         return None
-    from analysis.detectors import detect
-    from analysis.detectors.output import logit_summary
-
-    promoting = detect(subject, "token_promoting").score
+    promoting = run_once(subject, "token_promoting", token_promoting).score
     cand = promoting >= COPY_MIN_PROMOTING
     if not cand.any():
         return None
@@ -101,13 +119,13 @@ def _copy_route(subject: Subject) -> dict | None:
     for _ in range(COPY_REPS):
         order = targets[torch.randperm(len(targets), generator=gen)]
         for start in range(0, len(order), COPY_HALF // 2):
-            chunk = order[start:start + COPY_HALF // 2]
+            chunk = order[start : start + COPY_HALF // 2]
             fill = probes.distinct_rows(pool, 1, COPY_HALF - len(chunk), gen)[0]
             half = torch.cat([chunk, fill])[torch.randperm(COPY_HALF, generator=gen)]
             row = torch.cat([half, half])
             # position p predicts row[p + 1]; in the second half that is the induction target
             nxt = torch.full_like(row, -1)
-            nxt[COPY_HALF:-1] = row[COPY_HALF + 1:]
+            nxt[COPY_HALF:-1] = row[COPY_HALF + 1 :]
             rows.append(row)
             predict.append(nxt)
     tokens, nxt = torch.stack(rows), torch.stack(predict)

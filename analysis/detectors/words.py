@@ -26,13 +26,16 @@ def subword_merging(subject: Subject) -> DetectorResult:
     c = contrast(cond_t, ctrl_t, subject.reference(cond_t))
     stats = {k: c[k] for k in ("selectivity", "reliability", "mean_condition", "mean_control")}
     stats["continuation_positions"] = torch.full_like(c["score"], float(len(cond_t)))
-    return DetectorResult("subword_merging", c["score"], stats,
-                          f"word-continuation tokens against word-start tokens in {described}")
+    return DetectorResult(
+        "subword_merging", c["score"], stats, f"word-continuation tokens against word-start tokens in {described}"
+    )
 
 
-def _group_score(acts_by_group: list[torch.Tensor], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_score(
+    acts_by_group: list[torch.Tensor], ref: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """score [F], best group index [F], reliability [F] for per-group activations [n_g, F]."""
-    means = torch.stack([a.mean(0) for a in acts_by_group])                       # [G, F]
+    means = torch.stack([a.mean(0) for a in acts_by_group])  # [G, F]
     g = len(acts_by_group)
     share, best = (means / means.sum(0).clamp_min(1e-12)).max(0)
     selectivity = ((share - 1 / g) / (1 - 1 / g)).clamp(0, 1) * (means.sum(0) > 0)
@@ -57,8 +60,11 @@ def script(subject: Subject) -> DetectorResult:
     s_script, s_lang = out["script"][0], out["language"][0]
     use_lang = s_lang > s_script
     score = torch.maximum(s_script, s_lang)
-    stats = {"script_score": s_script, "language_score": s_lang,
-             "reliability": torch.where(use_lang, out["language"][2], out["script"][2])}
+    stats = {
+        "script_score": s_script,
+        "language_score": s_lang,
+        "reliability": torch.where(use_lang, out["language"][2], out["script"][2]),
+    }
 
     def details(f: int) -> dict:
         level = "language" if use_lang[f] else "script"

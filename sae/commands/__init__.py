@@ -1,1 +1,1 @@
-"""One module per `sae` subcommand: each wires the packages together for that job (imported lazily by the CLI)."""
+"""`sae export`: the command that writes a trained SAE for other tools."""

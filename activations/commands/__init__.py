@@ -1,0 +1,1 @@
+"""`sae cache`: run the model once and keep its activations on disk."""

@@ -1,0 +1,1 @@
+"""The analysis commands: `sae eval`, `sae inspect`, `sae steer`, `sae catalogue`."""

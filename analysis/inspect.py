@@ -1,0 +1,118 @@
+"""inspect_run: every feature's statistics, examples and logit effects, the mechanism tags, the plots and the
+static dashboard of one SAE folder: what `sae inspect` does, callable from Python."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from activations.config import HeldOutText
+from activations.errors import UserError
+from activations.models import LoadedModel
+from activations.options import check_fields, option
+from activations.sources import open_text_source
+from analysis.catalogue import TAGS_FILE, dashboard_catalogue, detect_run, load_tags
+from analysis.dashboard import read_feature_tags, write_dashboard
+from analysis.feature_stats import FeatureStats, StatsConfig, feature_stats
+from analysis.logits import TopLogits, top_logits
+from analysis.plots import density_histogram, training_curves
+from sae.io import load_sae
+
+
+@dataclass
+class InspectConfig:
+    """What `sae inspect` computes and writes besides the feature statistics (StatsConfig)."""
+
+    out: str | None = option(None, "where features/, plots/ and dashboard/ go (default: the run folder)")
+    stats: StatsConfig = field(default_factory=StatsConfig, metadata=dict(help="feature statistics"))
+    logit_tokens: int = option(10, "promoted/suppressed tokens listed per feature", low=1)
+    chunk_size: int = option(64, "features per lazily loaded dashboard file", low=1)
+    mechanisms: bool = option(True, "skip the mechanism detectors (see 'sae catalogue')", flag="--no-mechanisms")
+    mechanism_tokens: int = option(4096, "held-out tokens the mechanism detectors read", low=1)
+    dashboard_only: bool = option(
+        False, "rebuild plots and dashboard from existing features/ (e.g. after adding features/tags.json)"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def inspect_run(
+    run: str | Path, lm: LoadedModel, text: HeldOutText = HeldOutText(), cfg: InspectConfig = InspectConfig()
+) -> Path:
+    """Compute (or reload) feature data for the SAE in `run`, write plots and dashboard; returns index.html."""
+    run = Path(run)
+    out = Path(cfg.out) if cfg.out else run
+    features_dir = out / "features"
+    sae = load_sae(run, device=str(lm.device))
+    started = time.time()
+    dataset = text.dataset or sae.cfg.dataset or "wikitext-2"
+    if cfg.dashboard_only:
+        stats = FeatureStats.load(features_dir)
+        logits = TopLogits.load(features_dir / "logits.safetensors")
+    else:
+        source = open_text_source(
+            dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
+        )
+        stats = feature_stats(
+            sae, lm, source, cfg.stats, meta={"dataset": dataset, "split": text.split, "run": str(run)}
+        )
+        stats.save(features_dir)
+        logits = top_logits(sae, lm, n=cfg.logit_tokens)
+        logits.save(features_dir / "logits.safetensors")
+        if cfg.mechanisms:
+            detect_run(run, lm, text, tokens=cfg.mechanism_tokens, save_to=out)
+
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{sae.cfg.model_name} {sae.cfg.hook_name}"
+    density_histogram(stats.density, plots_dir / "feature_density.png", name)
+    plots = [("Feature density", "../plots/feature_density.png")]
+    if training_curves(run / "metrics.jsonl", plots_dir / "training.png", name):
+        plots.append(("Training (loss, L0, FVU)", "../plots/training.png"))
+
+    dead = int((stats.count == 0).sum())
+    summary = {
+        "features": stats.d_sae,
+        "tokens read": stats.tokens,
+        "never fired": dead,
+        "median density": float(stats.density.median()),
+        "text": f"{stats.meta.get('dataset', dataset)} ({stats.meta.get('split', text.split)})",
+    }
+    eval_path = run / "eval.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text())
+        summary.update({k: ev[k] for k in ("fvu", "l0", "ce_recovered") if k in ev})
+    index = write_dashboard(
+        out / "dashboard",
+        stats,
+        logits,
+        lm.tokenizer,
+        title=f"{sae.cfg.architecture} SAE · {name}",
+        subtitle=str(run.resolve()),
+        summary=summary,
+        plots=plots,
+        tags=read_feature_tags(features_dir, run / "features"),
+        chunk_size=cfg.chunk_size,
+        catalogue=catalogue_page(features_dir, run / "features"),
+    )
+    print(
+        f"inspected {stats.d_sae} features over {stats.tokens} held-out tokens in {time.time() - started:.0f} s "
+        f"({dead} never fired); data in {features_dir}, plots in {plots_dir}"
+    )
+    print(f"dashboard: {index.resolve().as_uri()}")
+    return index
+
+
+def catalogue_page(*features_dirs: Path) -> list[dict]:
+    """The dashboard's mechanisms page from the first mechanisms.json the detectors wrote (none: no page;
+    a hand-written file holding only tags gives tags on the features but no page)."""
+    for folder in features_dirs:
+        if (folder.parent / TAGS_FILE).is_file():
+            try:
+                return dashboard_catalogue(load_tags(folder.parent))
+            except UserError:
+                return []
+    return []

@@ -1,0 +1,64 @@
+"""The SAE folder format shared by sae.io and sae.saelens: file names, writing the two files, checking tensors.
+
+Kept apart so that sae.io (which dispatches SAELens folders to sae.saelens) and sae.saelens (which writes
+and checks folders the same way) both import it, and neither imports the other back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from activations.errors import UserError
+from activations.files import atomic_write, atomic_write_text
+from sae.base import SAE
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+def write_sae_folder(sae: SAE, folder: str | os.PathLike, cfg: dict) -> Path:
+    """Write `cfg` as cfg.json and sae's weights (contiguous CPU tensors in cfg dtype), each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = sae.cfg.torch_dtype
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in sae.state_dict().items()}
+    atomic_write(folder / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(folder / CFG_FILENAME, json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """UserError naming the first tensor that is missing, unexpected, misshapen, wrongly typed or non-finite."""
+    redo = "re-save the SAE or point to the matching cfg.json"
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise UserError(f"{path} is missing tensor(s) {', '.join(missing)}; {redo}")
+    unexpected = [name for name in tensors if name not in expected]
+    if unexpected:
+        raise UserError(
+            f"{path} has tensor(s) {', '.join(unexpected)} that this architecture does not use; "
+            f'check "architecture" in cfg.json or {redo}'
+        )
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape:
+            raise UserError(
+                f"{path}: tensor {name} has shape {tuple(got.shape)} but cfg.json (d_in, d_sae) expects "
+                f"{tuple(want.shape)}; fix d_in/d_sae in cfg.json or {redo}"
+            )
+        if not got.dtype.is_floating_point:
+            raise UserError(f"{path}: tensor {name} has non-floating dtype {got.dtype}; {redo}")
+        if got.dtype != want.dtype:
+            raise UserError(
+                f"{path}: tensor {name} has dtype {got.dtype} but cfg.json says dtype {want.dtype}; "
+                f'set "dtype" in cfg.json to match the weights or {redo}'
+            )
+        if not torch.isfinite(got).all():
+            raise UserError(
+                f"{path}: tensor {name} contains NaN or Inf; the run diverged - load an earlier checkpoint or retrain"
+            )

@@ -1,0 +1,1 @@
+"""`sae train`: the command that wires the data side, the dictionary and the trainer together."""
