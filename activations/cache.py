@@ -51,8 +51,12 @@ def _rebuild_hint(folder: Path, name: str) -> str:
 # ---- the manifest ---------------------------------------------------------------------------
 
 
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest of a cache folder, or a UserError saying what is wrong with the folder."""
+def read_manifest(folder: str | os.PathLike, repair: bool = False) -> dict:
+    """The manifest of a cache folder, checked, or a UserError saying what is wrong and how to fix it.
+
+    repair (`sae cache` resuming): drop the first broken shard entry and every later one, so that they are
+    written again, instead of refusing.
+    """
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -75,7 +79,80 @@ def read_manifest(folder: str | os.PathLike) -> dict:
             f"{path} has cache format version {manifest.get('version')}, this saelab reads version {VERSION}; "
             "rebuild the cache with this version of `sae cache`."
         )
+    _check_fields(path, manifest)
+    start = 0  # shards hold consecutive runs of contexts
+    for index, entry in enumerate(manifest["shards"]):
+        problem = _shard_entry_problem(entry, len(manifest["hooks"]))
+        if not problem and entry["first_context"] != start:
+            problem = f"({entry['file']}) starts at context {entry['first_context']}, the shards before end at {start}"
+        if problem and repair:
+            print(f"note: {path}: shard entry {index} {problem}; writing it and the shards after it again")
+            del manifest["shards"][index:]
+            break
+        if problem:
+            raise UserError(
+                f"{path}: shard entry {index} {problem}; re-run `sae cache --out {folder}` to repair it "
+                "(the shards from there on are written again)."
+            )
+        start += entry["contexts"]
     return manifest
+
+
+# Top-level manifest fields and the types readers rely on (bool is not an int here).
+_MANIFEST_FIELDS = {
+    "model": str,
+    "d_model": int,
+    "hooks": list,
+    "dtype": str,
+    "context_size": int,
+    "model_batch_size": int,
+    "prepend_bos": bool,
+    "skip_special": bool,
+    "skip_first": bool,
+    "shard_tokens": int,
+    "tokens": int,
+    "contexts": int,
+    "scales": dict,
+    "shards": list,
+}
+# What each shard entry holds: the file, where its contexts sit in the stream, its size and checksum.
+_SHARD_FIELDS = {"file": str, "tokens": int, "contexts": int, "first_context": int, "bytes": int, "sha256": str}
+
+
+def _is(value: object, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """UserError for a manifest field that is missing or of the wrong type (only a rebuild can fix those)."""
+    fix = f"delete {path.parent} and re-run `sae cache --out {path.parent}` to rebuild the cache."
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise UserError(f"{path} has no {key!r}; {fix}")
+        if not _is(manifest[key], kind):
+            raise UserError(f"{path}: {key!r} is {manifest[key]!r}, not of type {kind.__name__}; {fix}")
+    if manifest["dtype"] not in CACHE_DTYPES or not all(isinstance(h, str) for h in manifest["hooks"]):
+        raise UserError(f"{path}: dtype {manifest['dtype']!r} or hooks {manifest['hooks']!r} are not valid; {fix}")
+
+
+def _shard_entry_problem(entry: object, n_hooks: int) -> str | None:
+    """What is wrong with one shard entry of the manifest, in words, or None."""
+    if not isinstance(entry, dict):
+        return f"is {entry!r}, not an object"
+    for key, kind in _SHARD_FIELDS.items():
+        if key not in entry:
+            return f"({entry.get('file', 'no file name')}) has no {key!r}"
+        if not _is(entry[key], kind) or kind is int and entry[key] < 0:
+            wanted = "a non-negative integer" if kind is int else "a string"
+            return f"({entry.get('file')}) has {key} {entry[key]!r}, not {wanted}"
+    if entry["file"] != Path(entry["file"]).name or not entry["file"].endswith(".safetensors"):
+        return f"names the file {entry['file']!r}, not a shard file in the cache folder"
+    if len(entry["sha256"]) != 64:
+        return f"({entry['file']}) has sha256 {entry['sha256']!r}, not a 64-digit hex digest"
+    sums = entry.get("norm_sums")
+    if not isinstance(sums, list) or len(sums) != n_hooks or not all(_is(v, float) or _is(v, int) for v in sums):
+        return f"({entry['file']}) has norm_sums {sums!r}, not one number per hook"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -213,7 +290,7 @@ def write_cache(
         leftover.unlink()
     store_cfg = StoreConfig(**{**store_cfg.__dict__, "normalise": False, "epochs": 1})
     if (folder / MANIFEST).exists():
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, repair=True)
         if manifest["hooks"] != list(store_cfg.hooks) or manifest["d_model"] != lm.d_model:
             raise UserError(
                 f"{folder} caches {', '.join(manifest['hooks'])} of a d_model={manifest['d_model']} model; "

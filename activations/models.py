@@ -40,6 +40,21 @@ class LoadedModel:
     def d_model(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest context the model's position embeddings allow (None when its config does not say)."""
+        cfg = self.model.config
+        value = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(value) if value else None
+
+    def check_context_size(self, context_size: int) -> None:
+        """UserError when contexts of `context_size` tokens are longer than the model can take."""
+        if self.max_positions is not None and context_size > self.max_positions:
+            raise UserError(
+                f"--context-size {context_size} is longer than {self.name} allows ({self.max_positions} positions); "
+                f"use --context-size {self.max_positions} or less."
+            )
+
 
 def cache_dir() -> Path:
     """Where converted models live: $SAELAB_CACHE, else ~/.cache/saelab."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -310,6 +311,8 @@ def check_fields(cfg: Any) -> None:
             continue
         default = _default(f)
         fix = f"e.g. {name} {default} (the default)" if isinstance(default, (int, float)) else "a value in range"
+        if not math.isfinite(value):
+            raise UserError(f"{name} {value!r} is not a finite number; pass {fix}.")
         if m.get("low") is not None and value < m["low"]:
             raise UserError(f"{name} {value!r} is too small: {m['help']} must be at least {m['low']:g}; pass {fix}.")
         if m.get("high") is not None and value > m["high"]:

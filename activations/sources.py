@@ -39,7 +39,8 @@ SPLIT_ALIASES = {
 }
 
 TINYSHAKESPEARE_TRAIN_FRACTION = 0.9
-# A .txt file up to this size is one document; a larger one is split on blank lines and streamed.
+# A .txt file up to this size is one document; a larger one is split on blank lines (and into blocks of
+# about this many characters where it has none) and streamed.
 WHOLE_TXT_MAX_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
 
@@ -356,14 +357,20 @@ def _read_txt(path: Path) -> Iterator[tuple[str, str | None]]:
 
 
 def _blank_line_blocks(path: Path) -> Iterator[str]:
-    """Stream the blocks of a text file that are separated by blank lines (trailing spaces trimmed)."""
+    """Stream the blocks of a text file that are separated by blank lines (trailing spaces trimmed).
+
+    A block grown past WHOLE_TXT_MAX_BYTES characters (a file with no blank lines, e.g. one sentence per line)
+    is cut at the next line end, so memory stays bounded whatever the file's layout.
+    """
     lines: list[str] = []
+    size = 0
     for line in _read_lines(path):
         if line.strip():
             lines.append(line.rstrip())
-        elif lines:
+            size += len(lines[-1]) + 1
+        if lines and (not line.strip() or size >= WHOLE_TXT_MAX_BYTES):
             yield "\n".join(lines)
-            lines = []
+            lines, size = [], 0
     if lines:
         yield "\n".join(lines)
 

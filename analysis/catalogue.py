@@ -24,9 +24,9 @@ from activations.hookpoints import n_layers, parse_hook, run_with_cache
 from activations.sources import open_text_source
 from activations.tokens import pack_contexts
 from analysis.detectors import DETECTORS, Subject, detect
-from analysis.heldout import check_sae_fits
 from analysis.logits import unembedding
 from sae.io import load_sae
+from sae.runs import check_sae_fits
 
 CATALOGUE = Path(__file__).with_name("mechanisms.yaml")
 TAGS_FILE = Path("features") / "mechanisms.json"

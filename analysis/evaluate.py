@@ -22,9 +22,10 @@ from activations.hookpoints import hooks_installed, parse_hook, patched
 from activations.models import LoadedModel
 from activations.options import check_fields, option
 from activations.sources import Document, open_text_source
-from analysis.heldout import check_sae_fits, heldout_batches
+from analysis.heldout import heldout_batches
 from sae.base import SAE
 from sae.io import load_sae
+from sae.runs import check_sae_fits
 
 
 @dataclass
@@ -158,11 +159,12 @@ def evaluate_run(
     )
     result = evaluate(sae, lm, source, cfg).to_dict()
     result.update(dataset=dataset, split=text.split, model=lm.name)
-    atomic_write_json(folder / "eval.json", result)
     print(
         f"eval on {result['tokens']} held-out tokens ({dataset}, {text.split}): FVU {result['fvu']:.3f}  "
         f"L0 {result['l0']:.1f}  dead {result['dead_fraction']:.3f}  CE clean {result['ce_loss_clean']:.3f} / "
         f"SAE {result['ce_loss_sae']:.3f} / zero {result['ce_loss_zero']:.3f}  ce_recovered "
-        f"{result['ce_recovered']:.3f}  KL {result['kl_sae']:.3f}  → {folder / 'eval.json'}"
+        f"{result['ce_recovered']:.3f}  KL {result['kl_sae']:.3f}  → {folder / 'eval.json'}",
+        flush=True,
     )
+    atomic_write_json(folder / "eval.json", result)  # after printing: a failed write loses no result
     return result

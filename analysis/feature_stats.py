@@ -36,8 +36,9 @@ from activations.models import LoadedModel
 from activations.options import check_fields, option
 from activations.sources import Document
 from activations.tokens import ContextBatch
-from analysis.heldout import check_sae_fits, heldout_batches
+from analysis.heldout import heldout_batches
 from sae.base import SAE
+from sae.runs import check_sae_fits
 
 EMPTY_KEY = torch.iinfo(torch.int64).max  # sample slot with no example
 _P = 2_147_483_647  # 2^31 - 1: the hash works modulo this prime without int64 overflow

@@ -1,7 +1,8 @@
 """Running an SAE's model over held-out text for analysis: the SAE-fits-the-model check, and the batches.
 
 Every analysis (evaluate, feature stats, steering, the mechanism catalogue) checks the SAE against the model
-with `check_sae_fits`; evaluate and feature stats read their text through `heldout_batches`.
+with `sae.runs.check_sae_fits` (`open_sae` runs it too); evaluate and feature stats read their text
+through `heldout_batches`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,12 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.errors import UserError
 from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
 from activations.sources import Document
 from activations.store import ActivationStore, StoreConfig
 from activations.tokens import ContextBatch
 from sae.base import SAE
-
-
-def check_sae_fits(sae: SAE, lm: LoadedModel) -> None:
-    """UserError unless the SAE reads vectors of the model's width (an SAE trained on another model)."""
-    if sae.cfg.d_in != lm.d_model:
-        raise UserError(
-            f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model} "
-            f"(last dimension {lm.d_model}); "
-            f"use the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}), e.g. via --model."
-        )
 
 
 def heldout_batches(

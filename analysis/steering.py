@@ -22,9 +22,9 @@ from torch import Tensor
 from activations.errors import UserError
 from activations.hookpoints import parse_hook, patched
 from activations.models import LoadedModel
-from analysis.heldout import check_sae_fits
 from analysis.logits import decoder_directions, feature_logit_weights, prompt_ids
 from sae.base import SAE
+from sae.runs import check_sae_fits
 
 
 def _strengths(features: Sequence[int], strength: float | Sequence[float]) -> list[float]:

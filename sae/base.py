@@ -118,7 +118,7 @@ class SAE(nn.Module):
     Parameters use SAELens names and shapes; subclasses set `activation` (and may refine training).
     """
 
-    architecture: str = ""  # set by sae.registry.register
+    architecture: str = ""  # each architecture class names itself (the cfg.json "architecture" value)
     unit_norm_decoder: bool = True  # False: decoder norms are free (the sparsity penalty weights by them)
     progress: float = 1.0  # fraction of training done, from set_progress (1.0 outside training)
 

@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or missing folder: name the file and the fix
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"error: could not write or read{where}: {e.strerror or e}; check that the folder exists, is "
+            "writable and has free space, then run the command again (finished work is kept).",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; finished checkpoints are kept (continue a training run with --resume)", file=sys.stderr)
         return 130

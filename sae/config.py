@@ -2,10 +2,19 @@
 
 cfg.json is written SAELens-loadable (top-level SAELens keys + `metadata`) with a `saelab`
 section holding our full config, which is the source of truth when we read it back.
+
+The normalisation scale is never guessed (an SAE read at the wrong scale reports nonsense, not an error):
+a `saelab` section must hold `norm_scale`; a plain SAELens cfg.json is read by SAELens' rule, where
+`normalize_activations: "none"` means the scale is folded in (1.0) and `"expected_average_only_in"` (a training
+checkpoint) needs the scaling factor SAELens stores beside it in activation_scaler.json.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -33,6 +42,9 @@ FROM_SAELENS = {
     "batchtopk": "jumprelu",
     "matryoshka_batchtopk": "jumprelu",
 }
+
+# SAELens' normalize_activations values whose scale is input-independent, so it can live in norm_scale.
+SAELENS_SCALED_NORM = "expected_average_only_in"
 
 # SAELens >= 6 treats a cfg.json without a version as pre-6.0 and drops its `metadata`; we write
 # the format of 6.0 so SAELens reads our metadata as written.
@@ -114,8 +126,8 @@ class SAEConfig:
                     "(or re-save the SAE with saelab so cfg.json is complete)"
                 )
         names = {f.name for f in fields(cls)}
-        known = {key: value for key, value in d.items() if key in names and key != "extra"}
-        extra = dict(d.get("extra") or {})
+        known = {key: _checked(key, value) for key, value in d.items() if key in names and key != "extra"}
+        extra = dict(_checked("extra", {} if d.get("extra") is None else d["extra"]))
         extra.update({key: value for key, value in d.items() if key not in names})
         return cls(**known, extra=extra)
 
@@ -151,11 +163,30 @@ class SAEConfig:
         return out
 
     @classmethod
-    def from_file_dict(cls, d: dict) -> SAEConfig:
-        """Read a cfg.json dict: our `saelab` section if present, else the fields a plain SAELens cfg has."""
-        if isinstance(d.get("saelab"), dict):
-            return cls.from_dict(d["saelab"])
+    def from_file_dict(cls, d: dict, scaling_factor: float | None = None) -> SAEConfig:
+        """Read a cfg.json dict: our `saelab` section if present, else the fields a plain SAELens cfg has.
+
+        scaling_factor: what SAELens stored beside a plain cfg.json (activation_scaler.json), if anything.
+        """
+        if "saelab" in d:
+            section = d["saelab"]
+            if not isinstance(section, dict):
+                raise UserError(
+                    f'the "saelab" section must be a JSON object, got {type(section).__name__}; '
+                    "restore cfg.json or re-save the SAE"
+                )
+            if "norm_scale" not in section:
+                raise UserError(
+                    'the "saelab" section has no norm_scale, so the scale the SAE reads its input at is unknown; '
+                    're-save the SAE from its run, or add "norm_scale" (1.0 if it was trained unnormalised)'
+                )
+            return cls.from_dict(section)
         meta = d.get("metadata") or d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise UserError(f'"metadata" must be a JSON object, got {type(meta).__name__}; restore cfg.json')
+        arch = d.get("architecture", "standard")
+        if not isinstance(arch, str):
+            raise UserError(f'"architecture" must be a string, got {arch!r}; restore cfg.json')
 
         def pick(key: str, default):
             """A provenance value from metadata (SAELens 6) or the top level (SAELens < 6)."""
@@ -180,7 +211,7 @@ class SAEConfig:
         plain = {
             "d_in": d.get("d_in"),
             "d_sae": d.get("d_sae"),
-            "architecture": FROM_SAELENS.get(d.get("architecture", "standard"), d.get("architecture", "standard")),
+            "architecture": FROM_SAELENS.get(arch, arch),
             "dtype": str(d.get("dtype", "float32")),
             "model_name": pick("model_name", ""),
             "hook_name": pick("hook_name", ""),
@@ -190,7 +221,66 @@ class SAEConfig:
             "dataset": pick("dataset_path", ""),
             "extra": {key: value for key, value in d.items() if key not in used},
         }
-        plain["extra"]["saelens_architecture"] = d.get("architecture", "standard")
-        if "k" in d:  # BatchTopK's k is a float in SAELens
-            plain["k"] = int(d["k"]) if float(d["k"]).is_integer() else d["k"]
+        plain["extra"]["saelens_architecture"] = arch
+        plain["norm_scale"] = saelens_norm_scale(d, scaling_factor)
+        k = d.get("k")
+        if isinstance(k, float) and k.is_integer():  # BatchTopK's k is a float in SAELens
+            plain["k"] = int(k)
+        elif isinstance(k, float):  # a fractional BatchTopK k: provenance only (it infers with a threshold)
+            plain["extra"]["saelens_k"] = k
+        elif k is not None:
+            plain["k"] = k
         return cls.from_dict({key: value for key, value in plain.items() if value is not None})
+
+
+def saelens_norm_scale(d: dict, scaling_factor: float | None) -> float:
+    """The norm_scale of a plain SAELens cfg.json, by SAELens' own rule, or UserError when it cannot be known."""
+    norm = d.get("normalize_activations", "none")
+    if norm in ("none", None):  # SAELens folds the scale into the weights of every SAE it saves for inference
+        return 1.0
+    if norm != SAELENS_SCALED_NORM:
+        raise UserError(
+            f"normalize_activations {norm!r} rescales every token inside SAELens, which saelab "
+            "SAEs do not do; fold it into the weights in SAELens first, or use an SAE saved with 'none'."
+        )
+    if scaling_factor is None:
+        raise UserError(
+            f"normalize_activations is {SAELENS_SCALED_NORM!r} but no scaling factor is stored with it, so the "
+            'scale its input needs is unknown; a saelab run: restore its "saelab" section or export it with '
+            "`sae export RUN --format saelens` (folds the scale in); a SAELens checkpoint: keep its "
+            "activation_scaler.json beside cfg.json"
+        )
+    return scaling_factor
+
+
+def _checked(name: str, value: object) -> object:
+    """`value` if it has the type field `name` is declared with (an int is a float too), else UserError."""
+    want = _field_types()[name]
+    allowed = typing.get_args(want) if isinstance(want, types.UnionType) else (want,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                break
+            return float(value)
+        if kind == list[int] and isinstance(value, list) and all(_is_int(v) for v in value):
+            return value
+        if kind is int and _is_int(value) or kind in (str, bool, dict) and isinstance(value, kind):
+            return value
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "an object"}
+    names |= {type(None): "null", list[int]: "a list of integers"}
+    expected = " or ".join(names[kind] for kind in allowed)
+    raise UserError(
+        f"SAE config field {name!r} must be {expected}, got {value!r} ({type(value).__name__}); "
+        "fix it in cfg.json or re-save the SAE"
+    )
+
+
+@functools.cache
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(SAEConfig)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

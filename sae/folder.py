@@ -19,6 +19,9 @@ from sae.base import SAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
+# No SAE tensor comes near this, normalised or with the scale folded in (decoder rows are unit norm, or 1 / scale);
+# a larger value, or decoder row norm, means a corrupted or mis-scaled file rather than a model to run.
+MAX_ABS = 1e6
 
 
 def write_sae_folder(sae: SAE, folder: str | os.PathLike, cfg: dict) -> Path:
@@ -33,7 +36,8 @@ def write_sae_folder(sae: SAE, folder: str | os.PathLike, cfg: dict) -> Path:
 
 
 def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """UserError naming the first tensor that is missing, unexpected, misshapen, wrongly typed or non-finite."""
+    """UserError naming the first tensor that is missing, unexpected, misshapen, wrongly typed, non-finite or absurdly
+    large (a value or a decoder row norm above MAX_ABS)."""
     redo = "re-save the SAE or point to the matching cfg.json"
     missing = [name for name in expected if name not in tensors]
     if missing:
@@ -62,3 +66,15 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[s
             raise UserError(
                 f"{path}: tensor {name} contains NaN or Inf; the run diverged - load an earlier checkpoint or retrain"
             )
+        largest = got.abs().amax().item() if got.numel() else 0.0
+        if largest > MAX_ABS:
+            raise UserError(
+                f"{path}: tensor {name} holds values up to {largest:.3g}, absurd for an SAE (limit {MAX_ABS:.0e}); "
+                f"the file is corrupt or was rescaled by mistake - {redo}"
+            )
+    rows = torch.linalg.vector_norm(tensors["W_dec"], dim=-1, dtype=torch.float32) if "W_dec" in expected else None
+    if rows is not None and rows.numel() and rows.amax().item() > MAX_ABS:  # safe: every value is <= MAX_ABS
+        raise UserError(
+            f"{path}: tensor W_dec has decoder rows of norm up to {rows.amax().item():.3g} (limit {MAX_ABS:.0e}); "
+            f"the file is corrupt or was rescaled by mistake - {redo}"
+        )

@@ -19,7 +19,7 @@ from sae.base import SAE
 from sae.config import SAEConfig
 from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, write_sae_folder
 from sae.registry import get_architecture
-from sae.saelens import is_saelens_folder, load_saelens
+from sae.saelens import is_saelens_folder, load_saelens, read_scaling_factor
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "load_sae", "read_cfg", "save_sae"]
 _FIX = f"point to the folder holding {CFG_FILENAME} and {WEIGHTS_FILENAME}, or re-run training to produce it"
@@ -46,8 +46,9 @@ def read_cfg(folder: str | os.PathLike) -> SAEConfig:
         raise UserError(
             f"{path} must hold a JSON object, got {type(raw).__name__}; restore the file or re-save the SAE"
         )
+    factor = read_scaling_factor(folder, raw)
     try:
-        return SAEConfig.from_file_dict(raw)
+        return SAEConfig.from_file_dict(raw, factor)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
 

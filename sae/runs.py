@@ -43,8 +43,21 @@ def open_sae(
 ) -> tuple[SAE, LoadedModel]:
     """The SAE in `folder` and the model to run it with: `lm` when given (the SAE goes to its device), else
     `model`, else the model the SAE was trained on (the embedded default when cfg.json names none)."""
-    if lm is not None:
-        return load_sae(folder, device=str(lm.device)), lm
-    device = pick_device(device)
-    sae = load_sae(folder, device=device)
-    return sae, load_model(model or sae.cfg.model_name or DEFAULT_MODEL, device=device)
+    if lm is None:
+        device = pick_device(device)
+        sae = load_sae(folder, device=device)
+        lm = load_model(model or sae.cfg.model_name or DEFAULT_MODEL, device=device)
+    else:
+        sae = load_sae(folder, device=str(lm.device))
+    check_sae_fits(sae, lm)
+    return sae, lm
+
+
+def check_sae_fits(sae: SAE, lm: LoadedModel) -> None:
+    """UserError unless the SAE reads vectors of the model's width (an SAE trained on another model)."""
+    if sae.cfg.d_in != lm.d_model:
+        raise UserError(
+            f"the SAE expects d_in={sae.cfg.d_in} but {lm.name} has d_model={lm.d_model} "
+            f"(last dimension {lm.d_model}); "
+            f"use the model it was trained on ({sae.cfg.model_name or 'see cfg.json'}), e.g. via --model."
+        )

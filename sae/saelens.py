@@ -10,6 +10,7 @@ Export folds the normalisation scale in, so the SAELens SAE reads raw model acti
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from activations.errors import UserError
 from sae.base import SAE
-from sae.config import FROM_SAELENS, SAEConfig
+from sae.config import FROM_SAELENS, SAELENS_SCALED_NORM, SAEConfig
 from sae.fold import fold_norm_scale
 from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, write_sae_folder
 from sae.registry import make_sae
@@ -31,7 +32,9 @@ SAELENS_TENSORS = {
     "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
     "gated": ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"),
 }
-_INPUT_INDEPENDENT_NORMS = ("none", "expected_average_only_in")  # identity at SAELens inference time
+# SAELens' training checkpoints keep the activation scaling factor here (normalize_activations
+# "expected_average_only_in"); the inference SAE it saves at the end has the factor folded in ("none").
+ACTIVATION_SCALER_FILENAME = "activation_scaler.json"
 
 
 def is_saelens_folder(folder: str | os.PathLike) -> bool:
@@ -56,19 +59,16 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     folder = Path(folder)
     raw = json.loads((folder / CFG_FILENAME).read_text())
     arch = raw.get("architecture", "standard")
-    if arch not in FROM_SAELENS:
+    if not isinstance(arch, str) or arch not in FROM_SAELENS:
         raise _fail(
             folder,
             f"SAELens architecture {arch!r} has no saelab equivalent; saelab reads "
             f"{', '.join(FROM_SAELENS)}. Convert it with SAELens to one of those, or train it with saelab.",
         )
-    norm = raw.get("normalize_activations", "none")
-    if norm not in _INPUT_INDEPENDENT_NORMS:
-        raise _fail(
-            folder,
-            f"normalize_activations {norm!r} rescales every token inside SAELens, which saelab "
-            "SAEs do not do; fold it into the weights in SAELens first, or use an SAE saved with 'none'.",
-        )
+    try:
+        cfg = SAEConfig.from_file_dict(raw, read_scaling_factor(folder, raw))
+    except UserError as err:
+        raise _fail(folder, str(err)) from None
     path = folder / WEIGHTS_FILENAME
     if not path.is_file():
         raise UserError(
@@ -79,15 +79,31 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     except (SafetensorError, OSError) as err:
         raise UserError(f"{path} is corrupt or truncated ({err}); re-copy it from its source.") from None
 
-    try:
-        cfg = SAEConfig.from_file_dict(raw)
-    except UserError as err:
-        raise _fail(folder, str(err)) from None
     tensors = _to_saelab_tensors(folder, arch, raw, tensors)
     sae = make_sae(cfg, device="meta")
     check_tensors(path, tensors, sae.state_dict())
     sae.load_state_dict(tensors, assign=True)
     return sae.to(device)
+
+
+def read_scaling_factor(folder: Path, raw: dict) -> float | None:
+    """The activation scaling factor a SAELens training checkpoint stores beside its cfg.json `raw`, if it
+    needs one (normalize_activations "expected_average_only_in") and has one."""
+    path = Path(folder) / ACTIVATION_SCALER_FILENAME
+    if "saelab" in raw or raw.get("normalize_activations") != SAELENS_SCALED_NORM or not path.is_file():
+        return None
+    try:
+        factor = json.loads(path.read_text()).get("scaling_factor")
+    except (ValueError, AttributeError):
+        factor = "unreadable"
+    if factor is None:  # SAELens writes null when it did not normalise
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
+        raise UserError(
+            f'{path} must hold {{"scaling_factor": a positive number}}, got {factor!r}; re-copy it from the '
+            "SAELens checkpoint"
+        )
+    return float(factor)
 
 
 def _to_saelab_tensors(folder: Path, arch: str, raw: dict, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import activations.cache as cache_module
 from activations.cache import CacheConfig, CachedActivationSource, read_manifest, write_cache
 from activations.errors import UserError
 from activations.sources import open_text_source
@@ -101,8 +102,26 @@ def test_the_cache_replays_the_same_batches_as_the_store(tiny_llama, docs, cache
     assert len(replayed) == read_manifest(cache)["tokens"]  # one pass, every cached token once
 
 
+def test_a_source_restarted_from_its_state_continues_exactly(cache, tmp_path):
+    """Stopped between any two batches (here also past the cache's end, where it starts over), a new source
+    given the old one's state_dict (saved and loaded as a checkpoint does) hands out exactly the rest."""
+    cfg = StoreConfig(hooks=HOOKS, **STORE)
+    it = iter(CachedActivationSource(cache, cfg))
+    whole = [next(it) for _ in range(40)]  # 10240 rows: more than the cache's 6000
+    for cut in (1, 17, 33):
+        source = CachedActivationSource(cache, cfg)
+        it = iter(source)
+        for _ in range(cut):
+            next(it)
+        torch.save(source.state_dict(), tmp_path / "state.pt")
+        resumed = CachedActivationSource(cache, cfg)
+        resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        it = iter(resumed)
+        for i in range(cut, 40):
+            assert torch.equal(next(it), whole[i]), (cut, i)
+
+
 def test_resume_after_a_kill_keeps_finished_shards(tiny_llama, docs, cache, tmp_path, monkeypatch):
-    import activations.cache as cache_module
 
     folder = tmp_path / "c"
     real, calls = cache_module._save_shard, []
@@ -258,3 +277,71 @@ def test_cache_and_train_from_it_on_the_command_line(tiny_llama_dir, tmp_path, c
         == 2
     )
     assert "has no hook blocks.3.hook_resid_post" in capsys.readouterr().err
+
+
+# ---- a corrupt manifest is named, with the fix, and `sae cache` repairs it ----------------------------
+
+
+def _edit_manifest(folder, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+BROKEN_ENTRIES = {
+    "no bytes": (lambda e: e.pop("bytes"), r"shard entry 1 \(shard-00001.safetensors\) has no 'bytes'"),
+    "no sha256": (lambda e: e.pop("sha256"), r"shard entry 1 \(shard-00001.safetensors\) has no 'sha256'"),
+    "no tokens": (lambda e: e.pop("tokens"), r"shard entry 1 \(shard-00001.safetensors\) has no 'tokens'"),
+    "bytes a string": (lambda e: e.update(bytes="12"), r"has bytes '12', not a non-negative integer"),
+    "short sha256": (lambda e: e.update(sha256="abc"), r"has sha256 'abc', not a 64-digit hex digest"),
+    "path outside": (lambda e: e.update(file="../x.safetensors"), r"names the file '../x.safetensors'"),
+    "norm_sums": (lambda e: e.update(norm_sums=[1.0]), r"has norm_sums \[1.0\], not one number per hook"),
+    "gap": (lambda e: e.update(first_context=e["first_context"] + 1), r"starts at context \d+, the shards before"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_ENTRIES))
+def test_a_broken_shard_entry_is_named_with_the_fix(cache, tmp_path, case):
+    folder = tmp_path / "c"
+    shutil.copytree(cache, folder)
+    edit, message = BROKEN_ENTRIES[case]
+    _edit_manifest(folder, lambda m: edit(m["shards"][1]))
+    for read in (read_manifest, lambda f: CachedActivationSource(f, StoreConfig(hooks=HOOKS))):
+        with pytest.raises(UserError, match=message) as err:
+            read(folder)
+        line = str(err.value)
+        assert str(folder / "manifest.json") in line and "\n" not in line
+        assert f"re-run `sae cache --out {folder}` to repair it" in line
+
+
+def test_sae_cache_repairs_a_manifest_entry_without_bytes(tiny_llama, docs, cache, tmp_path, capsys):
+    folder = tmp_path / "c"
+    shutil.copytree(cache, folder)
+    _edit_manifest(folder, lambda m: m["shards"][1].pop("bytes"))
+    write_cache(  # the fix the message gives
+        tiny_llama, docs, StoreConfig(hooks=HOOKS, **STORE), folder, CacheConfig(tokens=6000, shard_tokens=2200)
+    )
+    assert "shard entry 1 (shard-00001.safetensors) has no 'bytes'; writing it and the shards after" in (
+        capsys.readouterr().out
+    )
+    assert read_manifest(folder) == read_manifest(cache)
+    for entry in read_manifest(folder)["shards"]:
+        assert (folder / entry["file"]).read_bytes() == (cache / entry["file"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("hooks"), r"manifest.json has no 'hooks'; delete .* and re-run `sae cache --out"),
+        (lambda m: m.update(d_model="64"), r"'d_model' is '64', not of type int"),
+        (lambda m: m.update(shards={}), r"'shards' is \{\}, not of type list"),
+        (lambda m: m.update(dtype="int8"), r"dtype 'int8' or hooks .* are not valid"),
+        (lambda m: m["shards"].__setitem__(0, "shard-00000.safetensors"), r"shard entry 0 is 'shard-00000"),
+    ],
+)
+def test_a_broken_manifest_field_is_named(cache, tmp_path, edit, message):
+    folder = tmp_path / "c"
+    shutil.copytree(cache, folder)
+    _edit_manifest(folder, edit)
+    with pytest.raises(UserError, match=message):
+        read_manifest(folder)

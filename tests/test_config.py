@@ -58,6 +58,11 @@ def _one_line(capsys, argv: list[str]) -> str:
         (["--architecture", "relu", "--l0-coefficient", "1"], ["--l0-coefficient", "jumprelu"]),
         (["--matryoshka-prefixes", "4,8"], ["--matryoshka-prefixes", "matryoshka"]),
         (["--architecture", "relu", "--parallel", "latents"], ["--parallel latents", "topk"]),
+        (["--lr", "nan"], ["--lr nan", "finite"]),
+        (["--lr", "-1"], ["--lr -1"]),
+        (["--batch-size", "0"], ["--batch-size 0"]),
+        (["--device", "meta"], ["--device 'meta'"]),
+        (["--tokens", "-5"], ["--tokens -5"]),
     ],
 )
 def test_bad_train_options_fail_before_the_model_loads(argv, phrases, capsys, tmp_path, monkeypatch):
@@ -82,6 +87,7 @@ def test_bad_train_options_fail_before_the_model_loads(argv, phrases, capsys, tm
             ["steer", "RUN", "--feature", "1", "--strength", "1", "--prompt", "a", "--temperature", "-1"],
             ["--temperature"],
         ),
+        (["steer", "RUN", "--feature", "1", "--strength", "nan", "--prompt", "a"], ["--strength nan", "finite"]),
         (["catalogue", "--detect"], ["--detect needs a run folder"]),
         (["catalogue", "RUN", "--tokens", "0"], ["--tokens 0"]),
         (["cache", "--tokens", "100"], ["--out is required"]),
@@ -109,13 +115,16 @@ def test_config_file_values_are_checked_like_the_command_line(tmp_path, capsys, 
         ("k: abc\n", "--k must be a whole number"),
         ("k: 0\n", "--k 0"),
         ("dictionary:\n  k: 0\n", "--k 0"),
+        ("k: null\n", "--k cannot be empty"),
+        ("device: 7\n", "--device '7'"),
+        ("tokens: [1, 2]\n", "--tokens must be a whole number"),
         ("store: 3\n", "unknown option 'store'"),
         ("- k\n", "mapping"),
         ("k: [\n", "could not be parsed"),
     ):
         path = tmp_path / "c.yaml"
         path.write_text(text)
-        line = _one_line(capsys, ["train", "--config", str(path), *NO_MODEL])
+        line = _one_line(capsys, ["train", "--config", str(path), "--model", "/nonexistent/model-folder"])
         assert phrase in line, (text, line)
         path.unlink()
 

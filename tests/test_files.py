@@ -1,8 +1,12 @@
-"""activations.files: atomic writes leave the old file (or nothing) on failure, and no temp file behind."""
+"""activations.files: atomic writes leave the old file (or nothing) on failure, and no temp file behind, and give
+files and folders the mode the user's umask asks for."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +16,12 @@ from activations.files import (
     atomic_write_dir,
     atomic_write_json,
     atomic_write_text,
+    umask,
 )
+from sae.config import SAEConfig
+from sae.io import load_sae, save_sae
+from sae.registry import make_sae
+from sae.saelens import export_saelens
 
 
 def test_atomic_write_writes_and_returns_the_writers_value(tmp_path):
@@ -63,3 +72,46 @@ def test_atomic_write_dir_moves_a_complete_folder_or_nothing(tmp_path):
     atomic_write_dir(target, lambda tmp: (tmp / "other").write_text("x"))
     assert sorted(p.name for p in target.iterdir()) == ["config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# ---- file modes follow the umask -------------------------------------------------------------
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def mask(request):
+    """Run the test under a real process umask, restored afterwards."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_umask_is_read_without_being_changed(mask):
+    assert umask() == mask
+    assert os.umask(mask) == mask  # still set
+
+
+def test_atomic_writes_give_files_the_users_umask_mode(mask, tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    atomic_write_text(tmp_path / "b.txt", "b")
+    atomic_write_bytes(tmp_path / "c.bin", b"c")
+    atomic_write(tmp_path / "d", lambda tmp: (tmp.unlink(), tmp.write_text("recreated by the writer")))
+    (tmp_path / "plain.txt").write_text("what open() gives")
+    for name in ("a.json", "b.txt", "c.bin", "d"):
+        assert _mode(tmp_path / name) == 0o666 & ~mask == _mode(tmp_path / "plain.txt"), name
+
+
+def test_atomic_dirs_get_the_users_umask_mode(mask, tmp_path):
+    atomic_write_dir(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    (tmp_path / "plain").mkdir()
+    assert _mode(tmp_path / "model") == 0o777 & ~mask == _mode(tmp_path / "plain")
+
+
+def test_saved_sae_folders_follow_the_umask(mask, tmp_path):
+    folder = save_sae(make_sae(SAEConfig(d_in=4, d_sae=8, k=2, norm_scale=2.0)), tmp_path / "sae")
+    export_saelens(load_sae(folder), tmp_path / "exported")
+    for path in (*folder.iterdir(), *(tmp_path / "exported").iterdir()):
+        assert _mode(path) == 0o666 & ~mask, path

@@ -63,10 +63,13 @@ def test_one_forward_trains_each_hook_as_if_alone(tiny_llama, tmp_path):
         assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
 
 
-def test_resume_when_one_hook_is_behind(tiny_llama, tmp_path):
-    dirs = [tmp_path / h for h in HOOKS]
+@pytest.mark.parametrize("behind", [1, 0])
+def test_resume_when_one_hook_is_behind(tiny_llama, tmp_path, behind):
+    """A kill between two hooks' checkpoints leaves the last hook one checkpoint behind (they are written in
+    order): the run resumes from it bit for bit. Any hook behind (here also the first, by hand) still trains
+    each step once."""
 
-    def run(resume: bool, stop_after_steps=None) -> list[Trainer]:
+    def run(dirs, resume: bool, stop_after_steps=None) -> list[Trainer]:
         """A MultiTrainer over both hooks, resumed from each folder's checkpoint (as `sae train --resume` does)."""
         loaded = [load_checkpoint(d) for d in dirs] if resume else None
         start = resume_point([state for _, state in loaded]) if resume else None
@@ -83,18 +86,24 @@ def test_resume_when_one_hook_is_behind(tiny_llama, tmp_path):
         MultiTrainer(trainers, store).train([state for _, state in loaded] if resume else None, stop_after_steps)
         return trainers
 
-    run(resume=False, stop_after_steps=3)  # "killed" after step 3: both checkpointed at step 2
-    shutil.copytree(dirs[0] / "checkpoint", tmp_path / "step2")
-    run(resume=True, stop_after_steps=3)  # killed again: both at step 4 ...
-    shutil.rmtree(dirs[0] / "checkpoint")  # ... but hook 0's step-4 checkpoint never landed
-    shutil.copytree(tmp_path / "step2", dirs[0] / "checkpoint")
+    whole = run([tmp_path / "whole" / h for h in HOOKS], resume=False)
+    dirs = [tmp_path / h for h in HOOKS]
+    run(dirs, resume=False, stop_after_steps=3)  # "killed" after step 3: both checkpointed at step 2
+    shutil.copytree(dirs[behind] / "checkpoint", tmp_path / "step2")
+    run(dirs, resume=True, stop_after_steps=3)  # killed again: both at step 4 ...
+    shutil.rmtree(dirs[behind] / "checkpoint")  # ... but one hook's step-4 checkpoint never landed
+    shutil.copytree(tmp_path / "step2", dirs[behind] / "checkpoint")
     states = [load_checkpoint(d)[1] for d in dirs]
-    assert [s["step"] for s in states] == [2, 4] and resume_point(states) is states[0]
-    for trainer, d in zip(run(resume=True), dirs):
+    assert [s["step"] for s in states] == [2 + 2 * (i == 1 - behind) for i in range(2)]
+    assert resume_point(states) is states[behind] and ("data_states" in states[behind]) == (behind == 1)
+    for trainer, reference, d in zip(run(dirs, resume=True), whole, dirs):
         assert trainer.step == trainer.total_steps == 8
         steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 9))  # each step logged once: the hook ahead sat out its batches
         assert (d / "sae_weights.safetensors").exists()
+        if behind == 1:
+            for name, value in reference.sae.state_dict().items():
+                assert torch.equal(trainer.sae.state_dict()[name], value), name
 
 
 SMALL = (

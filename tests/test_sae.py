@@ -255,6 +255,43 @@ def test_config_dict_round_trip_keeps_unknown_keys_in_extra():
         SAEConfig(d_in=4, d_sae=8, dtype="int8")
 
 
+WRONG_TYPES = {
+    "d_in": ("16", "an integer"),
+    "d_sae": (64.0, "an integer"),
+    "k": (True, "an integer"),
+    "aux_k": ("6", "an integer or null"),
+    "aux_k_coef": ([1], "a finite number"),
+    "norm_scale": (float("nan"), "a finite number"),
+    "l1_coefficient": (float("inf"), "a finite number"),
+    "matryoshka_prefixes": ([8, "16"], "a list of integers or null"),
+    "architecture": (3, "a string"),
+    "dtype": (None, "a string"),
+    "prepend_bos": (1, "true or false"),
+    "hook_layer": (1.5, "an integer"),
+    "extra": ([], "an object"),
+}
+
+
+def test_every_config_field_refuses_a_value_of_the_wrong_kind():
+    for name, f in SAEConfig.__dataclass_fields__.items():
+        bad = 7 if f.type == "str" else "text"
+        with pytest.raises(UserError, match=f"field '{name}' must be"):
+            SAEConfig.from_dict({"d_in": 16, "d_sae": 64, name: bad})
+
+
+@pytest.mark.parametrize("name", list(WRONG_TYPES))
+def test_wrong_field_types_name_the_field(name):
+    value, expected = WRONG_TYPES[name]
+    with pytest.raises(UserError, match=f"SAE config field '{name}' must be {expected}, got ") as err:
+        SAEConfig.from_dict({"d_in": 16, "d_sae": 64, name: value})
+    assert "\n" not in str(err.value)
+
+
+def test_right_field_types_pass_and_ints_read_as_floats():
+    cfg = SAEConfig.from_dict({"d_in": 16, "d_sae": 64, "norm_scale": 2, "aux_k": None, "matryoshka_prefixes": [8, 64]})
+    assert cfg.norm_scale == 2.0 and isinstance(cfg.norm_scale, float) and cfg.matryoshka_prefixes == [8, 64]
+
+
 def test_cfg_json_has_saelens_keys(tmp_path):
     save_sae(small_sae(**{"norm_scale": 1.0, "model_name": "m", "hook_name": "blocks.0.hook_resid_pre"}), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -381,6 +418,19 @@ def _edit_cfg(folder: Path, **changes) -> None:
     (folder / "cfg.json").write_text(json.dumps(cfg))
 
 
+def _edit_saelab(folder: Path, **changes) -> None:
+    """Change (None: drop) keys of the saelab section only."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in changes.items():
+        cfg["saelab"].pop(key) if value is None else cfg["saelab"].update({key: value})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def _edit_cfg_top(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+
+
 def _truncate(folder: Path) -> None:
     path = folder / "sae_weights.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -410,6 +460,22 @@ BREAKERS = {
     ),
     "nan": (lambda f: _write_weights(f, b_enc=torch.full((64,), float("nan"))), "b_enc contains NaN or Inf"),
     "inf": (lambda f: _write_weights(f, W_dec=torch.full((64, 16), float("inf"))), "W_dec contains NaN or Inf"),
+    "nan in a bias": (
+        lambda f: _write_weights(f, b_dec=torch.tensor([0.0] * 15 + [float("nan")])),
+        r"sae_weights\.safetensors: tensor b_dec contains NaN or Inf",
+    ),
+    "scaled by 1e30": (
+        lambda f: _write_weights(f, W_enc=load_file(f / "sae_weights.safetensors")["W_enc"] * 1e30),
+        r"tensor W_enc holds values up to .*e\+29, absurd for an SAE \(limit 1e\+06\)",
+    ),
+    "huge decoder rows": (
+        lambda f: _write_weights(f, W_dec=torch.full((64, 16), 5e5)),
+        r"W_dec has decoder rows of norm up to 2e\+06",
+    ),
+    "k not a number": (lambda f: _edit_cfg(f, k="many"), r"field 'k' must be an integer, got 'many' \(str\)"),
+    "norm_scale a string": (lambda f: _edit_cfg(f, norm_scale="2"), "field 'norm_scale' must be a finite number"),
+    "no norm_scale": (lambda f: _edit_saelab(f, norm_scale=None), r"no norm_scale.*add \"norm_scale\""),
+    "saelab not an object": (lambda f: _edit_cfg_top(f, saelab=[1]), r"\"saelab\" section must be a JSON object"),
 }
 
 

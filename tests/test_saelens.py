@@ -55,6 +55,79 @@ def test_saelens_folder_loads_and_encodes_identically(name):
         torch.testing.assert_close(acts, expected["feature_acts"])
         torch.testing.assert_close(sae.decode(acts), expected["reconstruction"])
     assert ((acts != 0) == (expected["feature_acts"] != 0)).all()  # the same latents fire, not just close values
+    assert sae.cfg.norm_scale == 1.0  # normalize_activations "none": SAELens folded any scale in
+
+
+# ---- the normalisation scale is never guessed --------------------------------------------------------------------
+
+
+def _checkpoint(tmp_path: Path, scaler: str | None) -> Path:
+    """The standard fixture as a SAELens training checkpoint: normalize_activations expected_average_only_in,
+    with activation_scaler.json holding `scaler` (None: no file)."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(FIXTURES / "standard", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    if scaler is not None:
+        (folder / "activation_scaler.json").write_text(scaler)
+    return folder
+
+
+def test_a_saelens_checkpoint_reads_its_stored_scaling_factor(tmp_path):
+    expected = load_file(FIXTURES / "standard" / "expected.safetensors")
+    sae = load_sae(_checkpoint(tmp_path, '{"scaling_factor": 2.5}'))
+    assert sae.cfg.norm_scale == 2.5
+    with torch.no_grad():  # SAELens trains on acts * scaling_factor: encode_raw applies it
+        torch.testing.assert_close(sae.encode_raw(expected["x"] / 2.5), expected["feature_acts"])
+        torch.testing.assert_close(sae.reconstruct_raw(expected["x"] / 2.5), expected["reconstruction"] / 2.5)
+
+
+@pytest.mark.parametrize(
+    "scaler, message",
+    [
+        (None, r"expected_average_only_in' but no scaling factor is stored.*activation_scaler\.json beside cfg\.json"),
+        ('{"scaling_factor": null}', "no scaling factor is stored"),
+        ('{"scaling_factor": -1}', r"activation_scaler\.json must hold \{\"scaling_factor\": a positive number\}"),
+        ('{"scaling_factor": "2"}', r"activation_scaler\.json must hold"),
+        ("[2.5]", r"activation_scaler\.json must hold"),
+        ("{oops", r"activation_scaler\.json must hold"),
+    ],
+)
+def test_a_saelens_checkpoint_without_a_usable_scale_is_refused(tmp_path, scaler, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_sae(_checkpoint(tmp_path, scaler))
+    assert "\n" not in str(err.value)
+
+
+def test_a_saelab_run_stripped_of_its_saelab_section_is_refused_not_read_at_scale_1(tmp_path, capsys):
+    """The plain SAELens keys of an un-exported run cannot carry its scale (sae eval would report FVU 60, not 0.2)."""
+    run = tmp_path / "run"
+    save_sae(_random_sae("topk", norm_scale=1.7), run)
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "expected_average_only_in"
+    del cfg["saelab"]
+    (run / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"cfg\.json: normalize_activations .*restore its \"saelab\" section"):
+        load_sae(run)
+    assert main(["export", str(run), "--format", "saelens", "--out", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no scaling factor is stored" in errors[0]
+    cfg["normalize_activations"] = "none"  # what a user who knows it is unscaled may write
+    (run / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(run).cfg.norm_scale == 1.0
+
+
+def test_a_wrongly_typed_cfg_value_is_one_error_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    save_sae(_random_sae("topk"), run)
+    cfg = json.loads((run / "cfg.json").read_text())
+    cfg["saelab"]["k"] = "many"
+    (run / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["export", str(run), "--format", "saelens", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "cfg.json: SAE config field 'k' must be an integer, got 'many'" in errors[0]
 
 
 def _random_sae(arch: str, norm_scale: float = 1.0, seed: int = 0):
@@ -123,6 +196,7 @@ def test_export_round_trip_through_saelab_and_as_plain_saelens(arch, tmp_path):
         del cfg["saelab"]
         (out / "cfg.json").write_text(json.dumps(cfg))
         plain = load_sae(out)
+        assert plain.cfg.norm_scale == 1.0  # folded in
         torch.testing.assert_close(plain.encode(x_raw), want)
         torch.testing.assert_close(plain.forward(x_raw), sae.reconstruct_raw(x_raw))
 

@@ -47,6 +47,22 @@ def test_batches_are_a_shuffled_permutation_of_the_stream(tiny_llama, source):
     assert not torch.equal(first, first.sort().values)
 
 
+def test_a_store_restarted_from_its_state_continues_exactly(tiny_llama, source):
+    """The shuffle buffer's rows, the RNG and the stream position are the whole state: a new store given
+    state_dict() between two batches hands out exactly the batches the first would have."""
+    docs = _limited(source, 60)
+    whole = list(_store(tiny_llama, docs))
+    for cut in (1, 5, len(whole) - 1):
+        store = _store(tiny_llama, docs)
+        it = iter(store)
+        for _ in range(cut):
+            next(it)
+        resumed = _store(tiny_llama, docs)
+        resumed.load_state_dict(store.state_dict())
+        rest = list(resumed)
+        assert len(rest) == len(whole) - cut and all(torch.equal(a, b) for a, b in zip(rest, whole[cut:])), cut
+
+
 def test_keep_mask_drops_first_position_and_special_tokens(tiny_llama, source):
     docs = _limited(source, 40)
     store = _store(tiny_llama, docs, normalise=False)

@@ -63,6 +63,9 @@ def test_trainer_learns_logs_and_saves(tiny_llama, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint(tiny_llama, tmp_path):
+    """Stopped after step 20 and resumed from its step-16 checkpoint (shuffle buffer included), the run ends
+    bit for bit where an uninterrupted one does."""
+    whole = _setup(tiny_llama, tmp_path / "whole").train()
     first = _setup(tiny_llama, tmp_path)
     first.train(stop_after_steps=20)  # "killed" after step 20; last checkpoint at step 16
     ckpt_sae, state = load_checkpoint(tmp_path)
@@ -85,6 +88,8 @@ def test_resume_continues_from_the_checkpoint(tiny_llama, tmp_path):
     assert steps == list(range(1, second.total_steps + 1))  # each step logged once, none lost
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["fvu"] < 0.55
+    for name, value in whole.state_dict().items():
+        assert torch.equal(second.sae.state_dict()[name], value), name
     assert load_sae(tmp_path).cfg.norm_scale == pytest.approx(state["store_scales"][HOOK])
 
 

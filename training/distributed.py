@@ -47,6 +47,11 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), readable before the process group starts."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
 def backend_for(device: str) -> str:
     """NCCL for CUDA tensors, gloo for CPU tensors."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
@@ -252,6 +257,10 @@ class SingleProcess:
         """Every rank's position in the text (contexts consumed), in rank order, for checkpoints."""
         return [contexts_consumed]
 
+    def data_states(self, store_state: dict) -> list[dict]:
+        """Every rank's store state (shuffle buffer, RNG, position), in rank order, on the rank that writes."""
+        return [store_state]
+
     def full_sae(self, sae: SAE) -> SAE | None:
         """The whole dictionary to save, on the rank that writes (every rank must call this)."""
         return sae
@@ -304,6 +313,12 @@ class AcrossRanks(SingleProcess):
 
     def data_positions(self, contexts_consumed: int) -> list[int]:
         return gather_ints(contexts_consumed)
+
+    def data_states(self, store_state: dict) -> list[dict]:
+        """Gathered to rank 0 (pickled between this run's own ranks); the other ranks get an empty list."""
+        states = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(store_state, states, dst=0)
+        return states or []
 
 
 class DataParallel(AcrossRanks):

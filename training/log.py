@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from activations.files import atomic_write_text
+
 
 class MetricsLog:
     """Appends one JSON object per logged step; mirrors to wandb (offline mode needs no network)."""
@@ -26,12 +28,20 @@ class MetricsLog:
             )
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines written after the checkpoint so the file has each step once."""
+        """On resume, keep each step up to the checkpoint's once and drop the rest: lines written after it, and a
+        torn last line (a kill in the middle of a write). The file is replaced in one step."""
         if not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept, seen = [], set()
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                logged = json.loads(line).get("step", 0)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # torn or blank
+            if logged <= step and logged not in seen:
+                kept.append(line)
+                seen.add(logged)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:

@@ -2,9 +2,10 @@
 
 The store yields `[batch, n_hooks, d]` from a single model forward, so every hook's SAE trains for the
 price of one pass over the model. Each trainer keeps its own SAE, optimiser, run folder, metrics and
-checkpoints. On resume the trainers may stand at different steps (a kill between two hooks'
-checkpoints): the store restarts at the position of the one furthest behind, and trainers that are
-ahead sit out the batches they have already trained on.
+checkpoints. The store's state (shuffle buffer, RNG, position) is saved once per checkpoint step, by the
+last trainer: trainers checkpoint in order, so after a kill between two hooks' checkpoints the last one's
+is the furthest behind. The store restarts exactly there and trainers that are ahead sit out the batches
+they have already trained on, which come again bit for bit, so every hook ends as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from training.trainer import Trainer
 
 
 def resume_point(states: list[dict]) -> dict:
-    """The checkpoint state the shared store restarts from: the one with the fewest steps."""
-    return min(states, key=lambda state: state["step"])
+    """The checkpoint state the shared store restarts from: the one with the fewest steps (among those, one that
+    holds the store's state; when none does, as in older checkpoints, the store restarts by position)."""
+    return min(states, key=lambda state: (state["step"], "data_states" not in state))
 
 
 class MultiTrainer:
@@ -31,9 +33,11 @@ class MultiTrainer:
     def train(self, resume_states: list[dict | None] | None = None, stop_after_steps: int | None = None) -> list[SAE]:
         """Run every trainer to its token budget (or `stop_after_steps` more batches); returns the SAEs."""
         states = resume_states or [None] * len(self.trainers)
+        start = resume_point(states) if all(states) else None
         for trainer, state in zip(self.trainers, states):
             trainer.show_progress = False
-            trainer.begin(state)
+            trainer.saves_data = trainer is self.trainers[-1]  # once per step, in the checkpoint written last
+            trainer.begin(state, restore_data=state is start)
         step = min(t.step for t in self.trainers)
         total = max(t.total_steps for t in self.trainers)
         writes = all(t.parallel.writes for t in self.trainers)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.errors import UserError
+from activations.shuffle import ShuffledActivations
 from sae.base import SAE
 from sae.io import save_sae
 from training.checkpoint import checkpoint_dir, save_checkpoint
@@ -60,6 +61,7 @@ class Trainer:
         self.sae, self.store, self.cfg, self.hook_index = sae, store, cfg, hook_index
         self.target_index = target_index  # a transcoder reconstructs this hook of the store's batches
         self.show_progress = True  # False when a MultiTrainer shows one bar for all its trainers
+        self.saves_data = True  # checkpoints carry the store's state; a MultiTrainer leaves that to one trainer
         self.last_metrics: dict = {}
         self.parallel = parallel or SingleProcess()
         self.run_dir = Path(run_dir)
@@ -84,8 +86,9 @@ class Trainer:
 
     # ---- state for checkpoints ----------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a checkpoint needs to resume: step, optimiser, dead counters, the store's position, RNG."""
-        return {
+        """Everything a checkpoint needs to resume exactly: step, optimiser, dead counters, RNGs, and the store's
+        state (every rank's shuffle buffer, RNG and stream position; plain values and tensors only)."""
+        state = {
             "step": self.step,
             "tokens": self.tokens,
             "optimizer": self.parallel.optimizer_state(self.optimizer, self.sae),
@@ -96,15 +99,26 @@ class Trainer:
             "data_positions": self.parallel.data_positions(self.store.contexts_consumed),  # one per rank
             "train_config": self.cfg.to_dict(),
         }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.saves_data and isinstance(self.store, ShuffledActivations):  # (a layer split resumes by position)
+            state["data_states"] = self.parallel.data_states(self.store.state_dict())  # one per rank
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint's trainer state (the SAE's weights are loaded separately)."""
+    def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
+        """Restore a checkpoint's trainer state (the SAE's weights are loaded separately) and, with
+        `restore_data`, put the store back where the checkpoint left it (older checkpoints: by position only)."""
         self.step, self.tokens = state["step"], state["tokens"]
         self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.sae))
         for group in self.optimizer.param_groups:  # a resumed run may be given a new --lr
             group["initial_lr"] = self.lr
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        data = state.get("data_states")
+        if restore_data and data and isinstance(self.store, ShuffledActivations):
+            self.store.load_state_dict(data[self.parallel.rank])
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self, resume_state: dict | None = None, stop_after_steps: int | None = None) -> SAE:
@@ -128,8 +142,9 @@ class Trainer:
         """Whether the token budget has been trained."""
         return self.step >= self.total_steps
 
-    def begin(self, resume_state: dict | None = None) -> None:
-        """Open the log (and the progress bar), and load `resume_state` when resuming; call before train_step."""
+    def begin(self, resume_state: dict | None = None, restore_data: bool = True) -> None:
+        """Open the log (and the progress bar), and load `resume_state` when resuming (the store's state too, with
+        `restore_data`); call before train_step. The log keeps only the steps trained so far, each once."""
         writes = self.parallel.writes  # only one rank writes the run folder
         if writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +154,8 @@ class Trainer:
             else NoLog()
         )
         if resume_state is not None:
-            self.load_state_dict(resume_state)
-            self._log.truncate_after(self.step)
+            self.load_state_dict(resume_state, restore_data)
+        self._log.truncate_after(self.step)  # lines past the checkpoint (or of a start that never checkpointed)
         self._last_good = self.step if resume_state is not None else None
         self._bar = tqdm(
             total=self.total_steps,

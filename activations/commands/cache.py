@@ -20,7 +20,9 @@ from activations.config import (
     pick_device,
 )
 from activations.errors import UserError
+from activations.files import check_writable
 from activations.hookpoints import parse_hook
+from activations.lock import run_lock
 from activations.models import load_model
 from activations.options import build, flag_of, leaf_fields, option, to_dict
 from activations.sources import open_text_source
@@ -103,10 +105,12 @@ def fixed_options(cfg: CacheCommandConfig) -> dict:
 def run(cfg: CacheCommandConfig) -> dict:
     """Build (or resume) the cache and print where it is."""
     out = Path(cfg.out)
+    check_writable(out)
     device = pick_device(cfg.model.device)
     lm = load_model(cfg.model.model, device=device, dtype=model_dtype(cfg.model.model_dtype))
     for hook in cfg.hooks:
         parse_hook(hook, lm.model)  # a bad layer or kind fails before any text is read
+    lm.check_context_size(cfg.context_size)
     text = cfg.text
     source = open_text_source(
         text.dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
@@ -125,7 +129,8 @@ def run(cfg: CacheCommandConfig) -> dict:
         f"caching {', '.join(cfg.hooks)} of {lm.name} over {getattr(source, 'describe', lambda: text.dataset)()} "
         f"({cfg.cache.tokens} tokens) into {out}"
     )
-    manifest = write_cache(lm, source, store_cfg, out, cfg.cache, info=info)
+    with run_lock(out):  # one writer per cache folder
+        manifest = write_cache(lm, source, store_cfg, out, cfg.cache, info=info)
     size = sum(s["bytes"] for s in manifest["shards"])
     print(
         f"cached {manifest['tokens']} tokens × {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from activations.config import HeldOutText, SAEModelConfig
+from activations.files import check_writable
 from activations.options import option
 from analysis.evaluate import EvalConfig, evaluate_run
 from sae.runs import open_sae, sae_folders
@@ -28,6 +29,8 @@ def run(cfg: Config) -> dict:
     """Evaluate one SAE, or every SAE of a multi-hook run with one model load; returns {folder: result}
     for several, the result itself for one."""
     folders = list(sae_folders(cfg.run).values())
+    for folder in folders:
+        check_writable(folder, "RUN")  # eval.json goes next to each SAE
     lm = open_sae(folders[0], model=cfg.model.model, device=cfg.model.device)[1]
     results = {str(folder): evaluate_run(folder, lm, cfg.text, cfg.eval) for folder in folders}
     return next(iter(results.values())) if len(results) == 1 else results

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from activations.config import HeldOutText, SAEModelConfig
+from activations.files import check_writable
 from activations.options import option
 from analysis.inspect import InspectConfig, inspect_run
 from sae.runs import open_sae
@@ -29,5 +30,6 @@ class Config:
 
 
 def run(cfg: Config) -> Path:
+    check_writable(cfg.inspect.out or cfg.run, "--out" if cfg.inspect.out else "RUN")
     _, lm = open_sae(cfg.run, model=cfg.model.model, device=cfg.model.device)
     return inspect_run(cfg.run, lm, cfg.text, cfg.inspect)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from activations.errors import UserError
+from activations.files import check_writable
 from activations.options import check_fields, option
 from sae.fold import fold_norm_scale
 from sae.io import load_sae, save_sae
@@ -48,6 +49,7 @@ class Config:
 def run(cfg: Config) -> list[Path]:
     """Export every SAE of the run; returns the written folders."""
     out = Path(cfg.out)
+    check_writable(out)
     written = []
     for hook, folder in sae_folders(cfg.run).items():
         sae = load_sae(folder)

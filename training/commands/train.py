@@ -21,8 +21,9 @@ import torch
 from activations.cache import CachedActivationSource, read_manifest
 from activations.config import model_dtype, pick_device
 from activations.errors import UserError
-from activations.files import atomic_write_json
+from activations.files import atomic_write_json, check_writable
 from activations.hookpoints import parse_hook
+from activations.lock import run_lock
 from activations.models import LoadedModel, load_model
 from activations.options import build, changed_fields, flag_of, from_dict, leaf_fields, to_dict
 from activations.sources import open_text_source
@@ -30,10 +31,18 @@ from activations.store import ActivationStore
 from activations.tokens import model_wants_bos
 from sae.base import SAE
 from sae.registry import make_sae
-from training.checkpoint import load_checkpoint
+from training.checkpoint import has_checkpoint, load_checkpoint
 from training.config import TrainRunConfig, from_legacy_options
 from training.data import FinishableBatches
-from training.distributed import barrier, init_distributed, rank_batch_size, resume_position, split_work, teardown
+from training.distributed import (
+    barrier,
+    init_distributed,
+    launch_rank,
+    rank_batch_size,
+    resume_position,
+    split_work,
+    teardown,
+)
 from training.multi import MultiTrainer, resume_point
 from training.trainer import Trainer
 
@@ -92,6 +101,21 @@ def load_run_config(out: Path) -> TrainRunConfig:
     raise UserError(f"{path} holds neither 'config' nor 'options'; it was not written by sae train.")
 
 
+def reuse_unstarted_run(out: Path) -> None:
+    """A fresh start in a folder that holds a run: refused when the run has finished work (a checkpoint or a
+    saved SAE, in RUN or RUN/<hook>); a run stopped before its first checkpoint is started again in place."""
+    folders = [out, *(d for d in out.iterdir() if d.is_dir())]
+    work = [f / name for f in folders for name in ("checkpoint", ".checkpoint-old", "cfg.json") if (f / name).exists()]
+    if work:
+        raise UserError(
+            f"{out} already holds a run ({work[0]} exists); continue it with --resume, "
+            "or choose another folder with --out."
+        )
+    for folder in folders:
+        (folder / "metrics.jsonl").unlink(missing_ok=True)  # the lines of the attempt that never checkpointed
+    print(f"{out} holds a run that stopped before its first checkpoint; starting it again there")
+
+
 def follow_up(cfg: TrainRunConfig, out: Path | None) -> list[list[str]]:
     """`sae eval` on the run just trained, unless --no-eval (and only on the process that wrote it)."""
     if not cfg.run.evaluate or out is None:
@@ -134,10 +158,25 @@ class DataInfo:
 
 
 def run(cfg: TrainRunConfig) -> Path | None:
-    """Train (or resume) one SAE per hook; returns the run folder (None on the ranks that do not write it)."""
+    """Train (or resume) one SAE per hook; returns the run folder (None on the ranks that do not write it).
+
+    The process that writes the run folder holds its lock (activations.lock) from the first check to the end."""
     out = cfg.out_dir()
-    if not cfg.run.resume and (out / RUN_CONFIG).exists():
-        raise UserError(f"{out} already holds a run; continue it with --resume, or choose another folder with --out.")
+    check_writable(out)
+    created = not out.exists()
+    try:
+        with run_lock(out) if launch_rank() == 0 else contextlib.nullcontext():
+            if not cfg.run.resume and (out / RUN_CONFIG).exists():
+                reuse_unstarted_run(out)
+            return train(cfg, out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # failed before writing anything (the model or the text could not be opened): leave no trace
+        raise
+
+
+def train(cfg: TrainRunConfig, out: Path) -> Path | None:
+    """The training run itself, in the (locked) run folder `out`."""
     ranks, device = init_distributed(pick_device(cfg.model.device))  # under torchrun: one rank per process
     barrier()  # every rank has checked the run folder before rank 0 writes to it
     cached = read_manifest(cfg.data.activations)["hooks"] if cfg.data.activations else None
@@ -155,14 +194,18 @@ def run(cfg: TrainRunConfig) -> Path | None:
     )
     train_cfg = replace(cfg.training, device=device)
     shard = ranks.world_size > 1 and cfg.training.parallel == "latents"  # each rank holds a slice of the latents
-    if cfg.run.resume:
+    ready = [has_checkpoint(folder) for folder in folders.values()]  # some, not all: killed in the first round
+    if cfg.run.resume and (all(ready) or not any(ready)):  # none: load_checkpoint says to start without --resume
         loaded = {hook: load_checkpoint(folder, device=device, shard=shard) for hook, folder in folders.items()}
         saes, states = {h: sae for h, (sae, _) in loaded.items()}, {h: state for h, (_, state) in loaded.items()}
-        state = resume_point(list(states.values()))  # the store restarts where the hook furthest behind stopped
+        # The store restarts where the hook furthest behind stopped; its trainer puts the shuffle buffer back.
+        state = resume_point(list(states.values()))
         store, about = open_data(cfg, store_cfg, device, state["store_scales"], resume_position(state, ranks))
         if ranks.is_main:
             print(f"resuming {out} from step {state['step']} ({state['tokens']} tokens)")
     else:
+        if cfg.run.resume and ranks.is_main:
+            print(f"not every hook of {out} had checkpointed when it stopped; training them all again from step 0")
         store, about = open_data(cfg, store_cfg, device, None, 0)
         with torch.device("meta") if shard else contextlib.nullcontext():  # shards are initialised by split_work
             saes = {hook: new_sae(cfg, hook, hook_out, about) for hook in hooks}
@@ -239,6 +282,7 @@ def open_data(
     lm: LoadedModel = load_model(cfg.model.model, device=device, dtype=model_dtype(cfg.model.model_dtype))
     for hook in store_cfg.hooks:
         parse_hook(hook, lm.model)  # a bad layer or kind fails before any text is read
+    lm.check_context_size(store_cfg.context_size)
     text = cfg.text
     source = open_text_source(
         text.dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
