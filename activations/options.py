@@ -210,10 +210,8 @@ def read_config_file(path: str | Path) -> dict:
 
 def flatten(cls: type, values: dict, where: str) -> dict[str, Any]:
     """{field name: value} from a flat or section-nested mapping; unknown keys are a UserError."""
-    leaves = {f.name: (path, f) for path, f, _ in leaf_fields(cls)}
-    sections = {path for path, _, _ in leaf_fields(cls) if path} | {
-        p.split(".")[0] for p, _, _ in leaf_fields(cls) if p
-    }
+    leaves = {f.name for _, f, _ in leaf_fields(cls)}
+    sections = {part for path, _, _ in leaf_fields(cls) for part in path.split(".") if part}
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -348,7 +346,7 @@ def _section_values(cls: type, data: dict, where: str) -> dict[str, Any]:
     return values
 
 
-def changed_fields(cls: type) -> set[str]:
+def resumable_fields(cls: type) -> set[str]:
     """The names of the fields a resumed run may change (declared with resume=True)."""
     return {f.name for _, f, _ in leaf_fields(cls) if f.metadata.get("resume")}
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from processes import free_port, kill_tree
 
 from activations.errors import UserError
 from activations.sources import open_text_source
@@ -41,12 +39,6 @@ D_IN, D_SAE, K = 16, 64, 4
 # ---- spawning ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, fn, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -60,7 +52,7 @@ def _entry(rank: int, fn, port: int, args: tuple) -> None:
 
 def _spawn(fn, *args, timeout: float = 240) -> None:
     """Run fn(rank, *args) on 2 gloo ranks; a worker's exception fails the test, so does a hang."""
-    ctx = mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(fn, free_port(), args), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.time() + timeout
     while not ctx.join(timeout=5):
         if time.time() > deadline:
@@ -329,30 +321,12 @@ def _torchrun(*argv: str) -> list[str]:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "sae",
         "train",
         *argv,
     ]
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and its workers (each worker runs in its own session, so killpg alone misses them)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    for child in children:
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.killpg(pid, signal.SIGKILL)
 
 
 def test_torchrun_training_killed_then_resumed_end_to_end(tiny_llama_dir, tmp_path):
@@ -386,7 +360,7 @@ def test_torchrun_training_killed_then_resumed_end_to_end(tiny_llama_dir, tmp_pa
         time.sleep(0.3)
         assert proc.poll() is None, "training ended before it could be killed; raise --tokens"
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait(timeout=60)
     assert not (run / "sae_weights.safetensors").exists()
     saved = torch.load(state, weights_only=False)

@@ -14,7 +14,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port, kill_tree
 from safetensors.torch import load_file
 
 from activations.errors import UserError
 from sae.config import SAEConfig
 from sae.registry import make_sae
 from training import checkpoint
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import REQUIRED_STATE, load_checkpoint, save_checkpoint
 from training.log import MetricsLog
 
 HOOK = "blocks.2.hook_resid_post"
@@ -42,6 +42,11 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 # ---- checkpoint files -------------------------------------------------------------------------------------
+
+
+def _state(step: int, **extra) -> dict:
+    """A trainer state with every part a checkpoint must hold (placeholders) and `step`."""
+    return {key: 0 for key in REQUIRED_STATE} | {"step": step, **extra}
 
 
 def _tiny_sae():
@@ -71,7 +76,7 @@ def _cut_save(monkeypatch, run: Path, sae, step: int, cut: int) -> bool:
     for name, target in (("rename", Path), ("rmtree", shutil), ("save", torch), ("save_sae", checkpoint)):
         monkeypatch.setattr(target, name, counted(name))
     try:
-        save_checkpoint(run, sae, {"step": step})
+        save_checkpoint(run, sae, _state(step))
         return True
     except _Killed:
         return False
@@ -86,14 +91,14 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_a_whole_checkpoint(tmp
     for first in range(1, 9):
         for second in range(1, 10):
             run = tmp_path / f"{first}-{second}"
-            save_checkpoint(run, sae, {"step": 1})
-            save_checkpoint(run, sae, {"step": 2})
+            save_checkpoint(run, sae, _state(1))
+            save_checkpoint(run, sae, _state(2))
             done = _cut_save(monkeypatch, run, sae, 3, first)
             step = load_checkpoint(run)[1]["step"]
             assert step == 3 if done else step in (2, 3), (first, second)
             done = _cut_save(monkeypatch, run, sae, 4, second)
             assert load_checkpoint(run)[1]["step"] == 4 if done else load_checkpoint(run)[1]["step"] in (step, 4)
-            save_checkpoint(run, sae, {"step": 5})
+            save_checkpoint(run, sae, _state(5))
             assert load_checkpoint(run)[1]["step"] == 5 and [p.name for p in run.iterdir()] == ["checkpoint"]
     # A write makes 7 file operations (8 after a swap was cut short), so the cuts above hit every one of them.
     assert not _cut_save(monkeypatch, tmp_path / "1-1", sae, 6, 7) and _cut_save(monkeypatch, run, sae, 6, 8)
@@ -109,7 +114,7 @@ class _Payload:
 
 def test_a_crafted_state_file_is_refused_and_runs_nothing(tmp_path, capsys):
     run, marker = tmp_path / "run", tmp_path / "pwned"
-    save_checkpoint(run, _tiny_sae(), {"step": 1})
+    save_checkpoint(run, _tiny_sae(), _state(1))
     torch.save({"step": 1, "optimizer": _Payload(marker)}, run / "checkpoint" / "trainer_state.pt")
     with pytest.raises(UserError) as err:
         load_checkpoint(run)
@@ -122,7 +127,7 @@ def test_a_crafted_state_file_is_refused_and_runs_nothing(tmp_path, capsys):
         load_checkpoint(run)
     assert not marker.exists()
     # What the trainer writes loads under weights_only (checked on a real run's checkpoint below as well).
-    save_checkpoint(run, _tiny_sae(), {"step": 2, "rng": torch.get_rng_state(), "betas": (0.9, 0.99), "x": None})
+    save_checkpoint(run, _tiny_sae(), _state(2, rng=torch.get_rng_state(), betas=(0.9, 0.99), x=None))
     assert load_checkpoint(run)[1]["step"] == 2
 
 
@@ -251,34 +256,10 @@ def test_cached_run_killed_three_times_ends_bit_identical(tiny_llama_dir, tmp_pa
     _assert_same_weights(tmp_path / "run", tmp_path / "whole")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and its workers (each worker runs in its own session, so killpg alone misses them)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    for child in children:
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.killpg(pid, signal.SIGKILL)
-
-
 def test_torchrun_data_parallel_run_killed_once_ends_bit_identical(tiny_llama_dir, tmp_path):
     def torchrun(out: Path) -> list[str]:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr"]
-        launch += ["127.0.0.1", "--master_port", str(_free_port()), "-m", "sae", "train"]
+        launch += ["127.0.0.1", "--master_port", str(free_port()), "-m", "sae", "train"]
         return [*launch, "--model", tiny_llama_dir, *TINY, *TEXT, "--out", str(out)]
 
     _train(torchrun(tmp_path / "whole"))
@@ -291,7 +272,7 @@ def test_torchrun_data_parallel_run_killed_once_ends_bit_identical(tiny_llama_di
         _wait_for_step(proc, run, random.Random(2).randint(10, STEPS - 20), time.time() + 240)
         time.sleep(random.Random(3).uniform(0, 0.03))
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait(timeout=60)
     assert not (run / "sae_weights.safetensors").exists(), "the run finished before it was killed"
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)

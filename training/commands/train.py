@@ -25,7 +25,7 @@ from activations.files import atomic_write_json, check_writable
 from activations.hookpoints import parse_hook
 from activations.lock import run_lock
 from activations.models import LoadedModel, load_model
-from activations.options import build, changed_fields, flag_of, from_dict, leaf_fields, to_dict
+from activations.options import build, flag_of, from_dict, leaf_fields, resumable_fields, to_dict
 from activations.sources import open_text_source
 from activations.store import ActivationStore
 from activations.tokens import model_wants_bos
@@ -62,15 +62,16 @@ def make_config(values: dict) -> TrainRunConfig:
         return cfg
     out = cfg.out_dir()
     saved = load_run_config(out)
-    allowed = changed_fields(TrainRunConfig)
-    current = {f.name: _get(saved, path, f.name) for path, f, _ in leaf_fields(TrainRunConfig)}
-    flags = {f.name: flag_of(f) for _, f, _ in leaf_fields(TrainRunConfig)}
-    for name, value in values.items():
-        if name not in allowed and name not in ("out", "resume") and value != current[name]:
+    allowed = resumable_fields(TrainRunConfig)
+    paths = {f.name: (path, flag_of(f)) for path, f, _ in leaf_fields(TrainRunConfig)}
+    current = {name: _get(saved, path, name) for name, (path, _) in paths.items()}
+    for name in values:
+        given, flag = _get(cfg, paths[name][0], name), paths[name][1]  # as the config holds it (typed)
+        if name not in allowed and name not in ("out", "resume") and given != current[name]:
             raise UserError(
-                f"{flags[name]} {value!r} differs from the run's {current[name]!r}: a resumed run keeps "
-                f"it. Drop {flags[name]} to resume, or start a new run with another --out. "
-                f"A resumed run may change {', '.join(sorted(flags[n] for n in allowed))}."
+                f"{flag} {given!r} differs from the run's {current[name]!r}: a resumed run keeps it. Drop {flag} "
+                f"to resume, or start a new run with another --out. A resumed run may change "
+                f"{', '.join(sorted(paths[n][1] for n in allowed))}."
             )
     merged = {**current, **{k: v for k, v in values.items() if k in allowed}, "out": str(out), "resume": True}
     return build(TrainRunConfig, merged)
