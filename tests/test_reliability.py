@@ -161,3 +161,22 @@ def test_checkpoint_states_and_unfinished_runs(tiny_llama_dir, tmp_path, capsys)
         ["inspect", str(run), "--out", str(blocker / "i"), "--model", "/nonexistent", "--device", "cpu"],
         "is a file, not a folder",
     )
+
+
+def test_multi_hook_run_killed_between_its_first_checkpoints_resumes(tiny_llama_dir, tmp_path, capsys):
+    """One hook had checkpointed, the other not yet: --resume trains both again and each step is logged once."""
+    run = tmp_path / "two"
+    hooks = "blocks.0.hook_resid_post,blocks.2.hook_resid_post"
+    argv = ["train", "--model", tiny_llama_dir, *SMALL[2:], "--hooks", hooks, "--no-eval", "--out", str(run)]
+    assert main([*argv, "--tokens", "2048", "--checkpoint-every", "2", "--log-every", "1"]) == 0
+    first, second = (run / hook for hook in hooks.split(","))
+    for name in ("cfg.json", "sae_weights.safetensors"):  # as if killed before the end ...
+        (first / name).unlink()
+        (second / name).unlink()
+    shutil.rmtree(second / "checkpoint")  # ... and before the second hook's first checkpoint
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert "not every hook" in capsys.readouterr().out
+    for folder in (first, second):
+        steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4] and (folder / "sae_weights.safetensors").is_file()
