@@ -176,6 +176,6 @@ def test_real_model_contributions_add_up():
     report = feature_sources(sae, lm, tokens, [(0, 4), (1, 11)], [0, 17, 63], Detail(heads=2, mlps=2, neurons=None))
     reference = _reference_pre(sae, lm, tokens, report)
     assert len(report.names) == 1 + 15 * (9 + 1) + 1
-    scale = max(1.0, float(reference.abs().max()))  # float32 rounding grows with the residual's size
+    scale = max(1.0, float(reference.detach().abs().max()))  # float32 rounding grows with the residual's size
     torch.testing.assert_close(report.contributions.sum(1), reference, atol=1e-4 * scale, rtol=0)
     assert report.remainder.abs().max() < 1e-5 * scale
