@@ -14,7 +14,6 @@ divisor is frozen at its value for that token (`linearisation` says so), and the
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from activations.errors import UserError
+from activations.files import atomic_write_json
 from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
 from activations.sources import Document
@@ -459,7 +459,7 @@ def features_sources_for_run(
     }
     path = Path(out) if out is not None else Path(stats.meta.get("run", ".")) / "features"
     path.mkdir(parents=True, exist_ok=True)
-    (path / "components.json").write_text(json.dumps(result) + "\n")
+    atomic_write_json(path / "components.json", result, indent=None)
     return result
 
 

@@ -14,6 +14,8 @@ from activations.models import LoadedModel
 from activations.options import check_fields, option
 from activations.sources import open_text_source
 from analysis.catalogue import TAGS_FILE, dashboard_catalogue, detect_run, load_tags
+from analysis.component_capture import family
+from analysis.components import features_sources_for_run
 from analysis.dashboard import read_feature_tags, write_dashboard
 from analysis.feature_stats import FeatureStats, StatsConfig, feature_stats
 from analysis.logits import TopLogits, top_logits
@@ -31,6 +33,12 @@ class InspectConfig:
     chunk_size: int = option(64, "features per lazily loaded dashboard file", low=1)
     mechanisms: bool = option(True, "skip the mechanism detectors (see 'sae catalogue')", flag="--no-mechanisms")
     mechanism_tokens: int = option(4096, "held-out tokens the mechanism detectors read", low=1)
+    components: bool = option(
+        True,
+        "skip splitting each feature's top examples into the heads and MLPs that wrote them",
+        flag="--no-components",
+    )
+    component_examples: int = option(4, "top examples per feature split into their sources", low=1)
     dashboard_only: bool = option(
         False, "rebuild plots and dashboard from existing features/ (e.g. after adding features/tags.json)"
     )
@@ -64,6 +72,8 @@ def inspect_run(
         logits.save(features_dir / "logits.safetensors")
         if cfg.mechanisms:
             detect_run(run, lm, text, tokens=cfg.mechanism_tokens, save_to=out)
+        if cfg.components and int((stats.count > 0).sum()):
+            write_sources(sae, lm, stats, text, dataset, cfg, features_dir)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +114,24 @@ def inspect_run(
     )
     print(f"dashboard: {index.resolve().as_uri()}")
     return index
+
+
+def write_sources(
+    sae, lm: LoadedModel, stats: FeatureStats, text: HeldOutText, dataset: str, cfg: InspectConfig, features_dir: Path
+) -> None:
+    """features/components.json: each feature's top examples rerun in their own held-out contexts and split into
+    the embeddings, heads and MLPs that wrote them (skipped, saying so, for models the split does not support)."""
+    try:
+        family(lm.model)
+    except UserError as e:
+        print(f"feature sources skipped: {e}")
+        return
+    again = open_text_source(
+        dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
+    )
+    features_sources_for_run(
+        sae, lm, stats, examples_per_feature=cfg.component_examples, source=again, out=features_dir
+    )
 
 
 def catalogue_page(*features_dirs: Path) -> list[dict]:

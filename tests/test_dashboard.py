@@ -83,6 +83,16 @@ def test_inspect_writes_data_plots_and_dashboard(inspected):
     assert "<link" not in html
 
 
+def test_inspect_writes_each_features_sources(inspected):
+    """features/components.json: every feature that fired has its top examples split into sources, rerun in their
+    exact held-out contexts, and the parts add up to the example's pre-activation (the remainder is ~0)."""
+    data = json.loads((inspected / "features" / "components.json").read_text())
+    assert data["mode"].startswith("exact") and data["max_abs_remainder"] < 1e-3
+    assert data["features"] and all(record["examples"] and record["summary"] for record in data["features"].values())
+    names = {name for record in data["features"].values() for name, _ in record["fractions"]}
+    assert names & {"embed"} and any(name.startswith("L0H") or name.startswith("L1H") for name in names)
+
+
 def test_records_hold_the_statistics(inspected):
     run = inspected
     stats = FeatureStats.load(run / "features")
