@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,19 @@ class LoadedModel:
                 f"--context-size {context_size} is longer than {self.name} allows ({self.max_positions} positions); "
                 f"use --context-size {self.max_positions} or less."
             )
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run attention in its eager implementation, which returns the attention pattern, then restore it."""
+    before = model.config._attn_implementation
+    if before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
 
 
 def cache_dir() -> Path:

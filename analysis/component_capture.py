@@ -10,8 +10,7 @@ Gemma; grouped-query attention included) and GPT-2, whose blocks add the raw o_p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from activations.errors import UserError
 from activations.hookpoints import HookPoint, arch_table, hooks_installed, parse_hook
+from activations.models import eager_attention
 
 # Where each family keeps the modules read here, relative to a block.
 _MODULES = {
@@ -147,19 +147,6 @@ class Capture:
 
 class _Stop(Exception):
     """Raised once the SAE's hook has fired: later layers are not needed."""
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run attention in its eager implementation, which returns the attention pattern, then restore it."""
-    before = model.config._attn_implementation
-    if before != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if before != "eager":
-            model.set_attn_implementation(before)
 
 
 @torch.inference_mode()

@@ -10,13 +10,12 @@ fused kernels return no weights); the model's own implementation is restored aft
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from activations.models import eager_attention
 from activations.tokens import model_wants_bos, special_token_mask
 from analysis.detectors.probes import probe_texts
 from analysis.head_weights import attention, head_layout
@@ -92,19 +91,6 @@ def text_prompt(tokenizer, max_tokens: int = 256) -> Tensor:
     text = " ".join(probe_texts()["scripts"]["latin"]["english"])
     ids = prefix_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids[:max_tokens]])
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the model with the eager attention kernel (which returns attention weights) inside the block."""
-    before = model.config._attn_implementation
-    if before != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if before != "eager":
-            model.set_attn_implementation(before)
 
 
 @dataclass
