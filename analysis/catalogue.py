@@ -23,14 +23,18 @@ from activations.files import atomic_write_json
 from activations.hookpoints import n_layers, parse_hook, run_with_cache
 from activations.sources import open_text_source
 from activations.tokens import pack_contexts
+from analysis.component_types import EMBEDDINGS
 from analysis.detectors import DETECTORS, Subject, detect
+from analysis.heads import HEAD_TYPES
 from analysis.logits import unembedding
+from analysis.neurons import NEURON_TYPES
 from sae.io import load_sae
 from sae.runs import check_sae_fits
 
 CATALOGUE = Path(__file__).with_name("mechanisms.yaml")
 TAGS_FILE = Path("features") / "mechanisms.json"
 TAGS_FORMAT = 1
+COMPONENT_KINDS = (*EMBEDDINGS, *(f"head:{k}" for k in HEAD_TYPES), *(f"neuron:{k}" for k in NEURON_TYPES))
 _REQUIRED = ("id", "name", "primer_section", "papers", "description", "detector", "threshold", "score")
 
 
@@ -46,6 +50,7 @@ class Mechanism:
     detector: str
     threshold: float
     score: str
+    components: tuple[str, ...] = ()  # component types that compute such a feature (analysis.component_evidence)
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,20 @@ def _load(path: str) -> Catalogue:
                 f"mechanism catalogue {p}: entry '{entry['id']}' has threshold {entry['threshold']}; "
                 "scores lie in [0, 1], so use a threshold in [0, 1]."
             )
+        components = entry.get("components") or []
+        unknown = [c for c in components if c not in COMPONENT_KINDS] if isinstance(components, list) else [components]
+        if unknown:
+            raise UserError(
+                f"mechanism catalogue {p}: entry '{entry['id']}' lists unknown component types {unknown}; "
+                f"use a list of {', '.join(COMPONENT_KINDS)}."
+            )
         mechanisms.append(
             Mechanism(
                 **{
                     **{k: entry[k] for k in _REQUIRED},
                     "papers": tuple(entry["papers"]),
                     "threshold": float(entry["threshold"]),
+                    "components": tuple(components),
                 }
             )
         )

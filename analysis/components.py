@@ -28,6 +28,7 @@ from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
 from activations.sources import Document
 from analysis.component_capture import Capture, block_maps, capture, heads, mlp_norm, span_of
+from analysis.component_types import ComponentTypes, label, neuron_name, type_shares
 from analysis.feature_stats import FeatureStats
 from analysis.heldout import heldout_batches
 from sae.base import SAE
@@ -69,18 +70,35 @@ class SourceReport:
         order = row.abs().argsort(descending=True)[:n].tolist()
         return [(self.names[c], float(row[c])) for c in order]
 
-    def example_json(self, i: int, n: int | None = None) -> dict:
-        b, t = self.positions[i].tolist()
-        return {
-            "row": b,
-            "position": t,
-            "feature": int(self.features[i]),
-            "pre": float(self.pre[i]),
-            "remainder": float(self.remainder[i]),
-            "top": [[name, round(value, 6)] for name, value in self.top(i, n)],
-            "head_sources": self.head_sources[i],
-            "neurons": self.neurons[i],
-        }
+    def examples_json(self, n: int | None = None) -> list[dict]:
+        """Every example as a JSON-ready dict with its n largest-|contribution| components (all when None);
+        one top-k over all examples, so thousands of examples take milliseconds."""
+        k = len(self.names) if n is None else min(n, len(self.names))
+        idx = self.contributions.abs().topk(k, dim=1).indices
+        values = self.contributions.gather(1, idx)
+        rows = zip(
+            self.positions.tolist(),
+            self.features.tolist(),
+            self.pre.tolist(),
+            self.remainder.tolist(),
+            idx.tolist(),
+            values.tolist(),
+            self.head_sources,
+            self.neurons,
+        )
+        return [
+            {
+                "row": b,
+                "position": t,
+                "feature": f,
+                "pre": pre,
+                "remainder": rem,
+                "top": [[self.names[c], round(v, 6)] for c, v in zip(cs, vs)],
+                "head_sources": hs,
+                "neurons": ns,
+            }
+            for (b, t), f, pre, rem, cs, vs, hs, ns in rows
+        ]
 
     def to_json(self, n: int | None = None) -> dict:
         """A JSON-ready dict: every example with its n largest components (all when None)."""
@@ -88,7 +106,7 @@ class SourceReport:
             "hook": self.hook,
             "linearisation": self.linearisation,
             "components": self.names,
-            "examples": [self.example_json(i, n) for i in range(len(self.pre))],
+            "examples": self.examples_json(n),
         }
 
     @staticmethod
@@ -336,25 +354,85 @@ def feature_sources(
     return paired_sources(sae, lm, tokens, rows, cols, feats, detail, chunk)
 
 
+def feature_means(report: SourceReport) -> tuple[list[int], Tensor]:
+    """(the report's features, ascending; [F, C] each one's mean contribution over its examples)."""
+    feats, inverse, counts = report.features.unique(return_inverse=True, return_counts=True)
+    means = torch.zeros(len(feats), len(report.names)).index_add_(0, inverse, report.contributions.float())
+    return feats.tolist(), means / counts[:, None]
+
+
+def fractions(names: list[str], means: Tensor, n: int | None = None) -> list[list[tuple[str, float]]]:
+    """Per row of means [F, C], its positive components as fractions of the positive total, largest first
+    (n of them, or all); [] for a row with no positive contribution."""
+    k = means.shape[1] if n is None else min(n, means.shape[1])
+    total = means.clamp_min(0).sum(1, keepdim=True)
+    values, idx = means.topk(k, dim=1)
+    share = values / total.clamp_min(torch.finfo(means.dtype).tiny)
+    return [
+        [(names[c], s) for c, v, s in zip(cs, vs, ss) if v > 0]
+        for cs, vs, ss in zip(idx.tolist(), values.tolist(), share.tolist())
+    ]
+
+
 def feature_fractions(report: SourceReport, feature: int) -> list[tuple[str, float]]:
     """The feature's components by mean contribution over its examples, as fractions of the positive total."""
-    mean = report.contributions[report.features == feature].mean(0)
-    total = float(mean.clamp_min(0).sum())
-    if total <= 0:
+    mean = report.contributions[report.features == feature].float().mean(0, keepdim=True)
+    return fractions(report.names, mean)[0]
+
+
+def neuron_fractions(per_example: list[dict[str, list]], total: float) -> list[tuple[str, float]]:
+    """The neurons recorded in a feature's examples (MLP -> [(neuron, value)] each), by mean contribution over
+    the examples (unrecorded: 0) as fractions of the feature's positive total, positive ones, largest first."""
+    if total <= 0 or not per_example:
         return []
-    order = mean.argsort(descending=True).tolist()
-    return [(report.names[c], float(mean[c]) / total) for c in order if mean[c] > 0]
+    sums: dict[str, float] = {}
+    for example in per_example:
+        for mlp, pairs in example.items():
+            for neuron, value in pairs:
+                sums[neuron_name(mlp, neuron)] = sums.get(neuron_name(mlp, neuron), 0.0) + value
+    scale = 1 / (len(per_example) * total)
+    return sorted(((n, v * scale) for n, v in sums.items() if v > 0), key=lambda t: -t[1])
+
+
+def describe(parts: list[tuple[str, float]], top: int = 5) -> str:
+    """Fractions as text, e.g. 'L8H4 58 %, L3H1 12 %, embed 9 %'."""
+    return ", ".join(f"{name} {100 * frac:.0f} %" for name, frac in parts[:top]) or "no positive contribution"
 
 
 def summarise_one(report: SourceReport, feature: int, top: int = 5) -> str:
     """One feature's top components as fractions of its positive total, e.g. 'L8H4 58 %, L3H1 12 %, embed 9 %'."""
-    parts = feature_fractions(report, feature)[:top]
-    return ", ".join(f"{name} {100 * frac:.0f} %" for name, frac in parts) or "no positive contribution"
+    return describe(feature_fractions(report, feature), top)
 
 
 def summarise(report: SourceReport, top: int = 5) -> dict[int, str]:
     """summarise_one for every feature of the report."""
-    return {f: summarise_one(report, f, top) for f in report.features.unique().tolist()}
+    feats, means = feature_means(report)
+    return {f: describe(parts, top) for f, parts in zip(feats, fractions(report.names, means, top))}
+
+
+def feature_entries(report: SourceReport, types: ComponentTypes, extra: list[dict] | None = None) -> dict[str, dict]:
+    """Per feature of the report (its id as a string): the summary, its top fractions, neurons, the catalogue types
+    of those components, its share per type and its examples (each merged with `extra[i]` when given)."""
+    feats, means = feature_means(report)
+    totals = means.clamp_min(0).sum(1).tolist()
+    examples = report.examples_json(8)
+    by_feature: dict[int, list[int]] = {}
+    for i, feature in enumerate(report.features.tolist()):
+        by_feature.setdefault(feature, []).append(i)
+    entries = {}
+    for feature, parts, total in zip(feats, fractions(report.names, means), totals):
+        mine = by_feature[feature]
+        neurons = neuron_fractions([report.neurons[i] for i in mine], total)
+        named = {name: types.of(name) for name, _ in [*parts[:8], *neurons[:8]]}
+        entries[str(feature)] = {
+            "summary": describe([(label(n, named[n]), x) for n, x in parts[:5]]),
+            "fractions": [[name, round(frac, 4)] for name, frac in parts[:8]],
+            "neurons": [[name, round(frac, 4)] for name, frac in neurons[:8]],
+            "types": {name: [[k, s] for k, s in kinds] for name, kinds in named.items() if kinds},
+            "type_shares": type_shares(parts, neurons, types),
+            "examples": [(extra[i] if extra else {}) | examples[i] for i in mine],
+        }
+    return entries
 
 
 # ---- every feature of an inspected run ----------------------------------------------------------------
@@ -407,6 +485,7 @@ def features_sources_for_run(
     out: str | Path | None = None,
     batch_size: int = 8,
     detail: Detail = Detail(heads=2, sources=3, mlps=1, neurons=3),
+    types: ComponentTypes | None = None,
 ) -> dict:
     """Split each feature's top recorded examples into components; writes OUT/components.json (OUT defaults to
     the run's features/ folder) and returns what it wrote.
@@ -414,9 +493,12 @@ def features_sources_for_run(
     With `source` (the held-out text `sae inspect` read) each example is rerun in its exact context. Without it,
     only the stored window is known (`stats.cfg.left` tokens before the example): the context is then that window,
     which starts a fresh sequence, and the contributions are exact for that shorter context only.
+    With `types` (the model's head and neuron catalogues) each component is named with its catalogue types and
+    every feature gets its share per type (analysis.component_types).
     """
     started = time.time()
     f, j, context, position = _examples(stats, examples_per_feature)
+    acts = stats.top_act[f, j].tolist()
     if len(f) == 0:
         raise UserError("no feature fired on the inspected text, so there are no examples to decompose.")
     if source is not None:
@@ -435,20 +517,11 @@ def features_sources_for_run(
     else:
         report = _window_sources(sae, lm, stats, f, j, detail, chunk, batch_size)
         mode = f"window: each example rerun on its stored {stats.cfg.left} tokens of left context only"
-    features = {}
-    for feature in f.unique().tolist():
-        mine = (report.features == feature).nonzero().squeeze(1).tolist()
-        features[str(feature)] = {
-            "summary": summarise_one(report, feature),
-            "fractions": [[name, round(frac, 4)] for name, frac in feature_fractions(report, feature)[:8]],
-            "examples": [
-                {"context": int(context[i]), "position": int(position[i]), "act": float(stats.top_act[f[i], j[i]])}
-                | report.example_json(i, 8)
-                for i in mine
-            ],
-        }
+    extra = [{"context": c, "position": p, "act": a} for c, p, a in zip(context.tolist(), position.tolist(), acts)]
+    features = feature_entries(report, types or ComponentTypes(), extra)
     result = {
         "hook": report.hook,
+        "components": report.names,
         "mode": mode,
         "linearisation": report.linearisation,
         "examples_per_feature": examples_per_feature,

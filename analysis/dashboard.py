@@ -11,7 +11,9 @@ A record (built by `RecordBuilder` / `feature_record`): {"id", "density", "count
 {"act", "ctx", "pos", "doc", "doc_pos", "center", "tokens", "acts"}. Other analyses add fields or tags
 through `annotators` (functions record -> None; unknown fields are shown as JSON on the page) or a
 `features/tags.json` file (`{"12": ["induction", {"name": "copying", "note": "...", "score": 0.8}]}`; the
-mechanism catalogue's `features/mechanisms.json` is read too). A tag is a string or an object with "name".
+mechanism catalogue's `features/mechanisms.json` is read too). A tag is a string or an object with "name"; a
+tag with a `flag` (its sources disagree, analysis.component_evidence) is shown with a warning. `sae inspect` adds
+`sources` (analysis.dashboard_sources: the feature's components as a bar chart) and the heads & neurons page.
 """
 
 from __future__ import annotations
@@ -233,11 +235,13 @@ def write_dashboard(
     tags: dict[int, list] | None = None,
     chunk_size: int = 64,
     catalogue: list[dict] | None = None,
+    components: dict | None = None,
 ) -> Path:
     """Write the dashboard folder `out` (replacing its data/) and return the path of index.html.
 
     `plots` are (title, path relative to `out`) pairs shown on the overview page; `catalogue` is the
-    mechanisms page (analysis.catalogue.dashboard_catalogue), shown when given.
+    mechanisms page (analysis.catalogue.dashboard_catalogue) and `components` the components page (heads and
+    neurons with the features they feed, analysis.dashboard_sources.components_page), each shown when given.
     """
     out = Path(out)
     data = out / "data"
@@ -265,6 +269,7 @@ def write_dashboard(
         "plots": [{"title": t, "src": src} for t, src in plots],
         "features": rows,
         "catalogue": catalogue or [],
+        "components": components,
     }
     (data / "index.js").write_text(_js("index", meta), encoding="utf-8")
     template = resources.files("analysis").joinpath("dashboard_template.html").read_text(encoding="utf-8")

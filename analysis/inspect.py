@@ -10,15 +10,21 @@ from pathlib import Path
 
 from activations.config import HeldOutText
 from activations.errors import UserError
+from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
 from activations.options import check_fields, option
 from activations.sources import open_text_source
 from analysis.catalogue import TAGS_FILE, dashboard_catalogue, detect_run, load_tags
-from analysis.component_capture import family
+from analysis.component_capture import family, span_of
+from analysis.component_evidence import add_component_evidence
+from analysis.component_types import ComponentTypes
 from analysis.components import features_sources_for_run
 from analysis.dashboard import read_feature_tags, write_dashboard
+from analysis.dashboard_sources import components_page, read_sources, sources_annotator
 from analysis.feature_stats import FeatureStats, StatsConfig, feature_stats
+from analysis.heads import classify_heads
 from analysis.logits import TopLogits, top_logits
+from analysis.neurons import classify_neurons
 from analysis.plots import density_histogram, training_curves
 from sae.io import load_sae
 
@@ -57,6 +63,7 @@ def inspect_run(
     sae = load_sae(run, device=str(lm.device))
     started = time.time()
     dataset = text.dataset or sae.cfg.dataset or "wikitext-2"
+    written = None
     if cfg.dashboard_only:
         stats = FeatureStats.load(features_dir)
         logits = TopLogits.load(features_dir / "logits.safetensors")
@@ -73,7 +80,7 @@ def inspect_run(
         if cfg.mechanisms:
             detect_run(run, lm, text, tokens=cfg.mechanism_tokens, save_to=out)
         if cfg.components and int((stats.count > 0).sum()):
-            write_sources(sae, lm, stats, text, dataset, cfg, features_dir)
+            written = write_sources(sae, lm, stats, text, dataset, cfg, features_dir, out)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +102,11 @@ def inspect_run(
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text())
         summary.update({k: ev[k] for k in ("fvu", "l0", "ce_recovered") if k in ev})
+    if written is not None:
+        types, sources = written
+    else:
+        sources = read_sources(features_dir, run / "features") if cfg.components else None
+        types = component_types(lm) if sources is not None else ComponentTypes()
     index = write_dashboard(
         out / "dashboard",
         stats,
@@ -107,6 +119,8 @@ def inspect_run(
         tags=read_feature_tags(features_dir, run / "features"),
         chunk_size=cfg.chunk_size,
         catalogue=catalogue_page(features_dir, run / "features"),
+        annotators=[sources_annotator(sources)] if sources is not None else [],
+        components=components_page(types, sources, lm.name),
     )
     print(
         f"inspected {stats.d_sae} features over {stats.tokens} held-out tokens in {time.time() - started:.0f} s "
@@ -116,22 +130,56 @@ def inspect_run(
     return index
 
 
+def component_types(lm: LoadedModel) -> ComponentTypes:
+    """The model's head and neuron catalogues (from the saelab cache, computed once per model), or none for a
+    model whose heads and neurons saelab cannot read one by one."""
+    try:
+        family(lm.model)
+        return ComponentTypes(heads=classify_heads(lm), neurons=classify_neurons(lm))
+    except UserError as e:
+        print(f"head and neuron catalogues skipped: {e}")
+        return ComponentTypes()
+
+
 def write_sources(
-    sae, lm: LoadedModel, stats: FeatureStats, text: HeldOutText, dataset: str, cfg: InspectConfig, features_dir: Path
-) -> None:
+    sae,
+    lm: LoadedModel,
+    stats: FeatureStats,
+    text: HeldOutText,
+    dataset: str,
+    cfg: InspectConfig,
+    features_dir: Path,
+    out: Path,
+) -> tuple[ComponentTypes, dict] | None:
     """features/components.json: each feature's top examples rerun in their own held-out contexts and split into
-    the embeddings, heads and MLPs that wrote them (skipped, saying so, for models the split does not support)."""
+        the embeddings, heads and MLPs that wrote them, named with their catalogue types; then the mechanism tags get
+        their component evidence (skipped, saying so, for models the split does not support). Returns the catalogues
+    and what it wrote, or None when skipped."""
     try:
         family(lm.model)
     except UserError as e:
         print(f"feature sources skipped: {e}")
-        return
+        return None
+    started = time.time()
+    types = component_types(lm)
+    catalogues = time.time() - started
     again = open_text_source(
         dataset, split=text.split, config=text.dataset_config, text_field=text.text_field, data_dir=text.data_dir
     )
-    features_sources_for_run(
-        sae, lm, stats, examples_per_feature=cfg.component_examples, source=again, out=features_dir
+    result = features_sources_for_run(
+        sae, lm, stats, examples_per_feature=cfg.component_examples, source=again, out=features_dir, types=types
     )
+    print(
+        f"feature sources: {result['examples']} examples of {len(result['features'])} features split in "
+        f"{result['seconds']:.0f} s (head and neuron catalogues {catalogues:.0f} s), max |remainder| "
+        f"{result['max_abs_remainder']:.1e}"
+    )
+    if (out / TAGS_FILE).is_file():
+        counts = add_component_evidence(out, result, types, span_of(parse_hook(sae.cfg.hook_name, lm.model)))
+        for mechanism, by_status in counts.items():
+            if by_status:
+                print(f"  {mechanism:<16} " + ", ".join(f"{n} {status}" for status, n in by_status.items()))
+    return types, result
 
 
 def catalogue_page(*features_dirs: Path) -> list[dict]:

@@ -27,7 +27,8 @@ from activations.errors import UserError
 from activations.options import add_options, build, explicit_values, flatten, read_config_file
 
 ENTRY_POINTS = "saelab.commands"
-ORDER = ("train", "eval", "inspect", "steer", "cache", "export", "catalogue", "heads")  # as `sae --help` lists them
+# as `sae --help` lists them
+ORDER = ("train", "eval", "inspect", "steer", "cache", "export", "catalogue", "heads", "neurons")
 
 
 class Parser(argparse.ArgumentParser):

@@ -240,3 +240,47 @@ def test_dashboard_renders_in_headless_chromium(inspected, tmp_path):
         [*flags, "--dump-dom", url.replace(f"feature={f}", "feature=4000")], capture_output=True, text=True, timeout=120
     ).stdout
     assert "There is no feature 4000" in dom
+
+
+def _dom(browser: str, tmp_path: Path, url: str) -> str:
+    flags = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+
+
+def test_sources_chart_and_heads_page_render_in_chromium(inspected, tmp_path):
+    """A feature page draws a bar per source component; the heads & neurons page draws a layer x head grid per head
+    type and, for a picked head, the features it feeds."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    run = inspected
+    (meta,) = _load_js(run / "dashboard" / "data" / "index.js", "index")
+    comps = meta["components"]
+    kinds = comps["heads"]["scores"]
+    n_layers, n_heads = len(next(iter(kinds.values()))), len(next(iter(kinds.values()))[0])
+    f = int(FeatureStats.load(run / "features").count.argmax())
+    _, records = _load_js(run / "dashboard" / "data" / f"features_{f // 16:05d}.js", "chunk")
+    sources = records[f % 16]["sources"]
+    assert sources["fractions"] and sources["max_abs_remainder"] < 1e-3
+
+    index = (run / "dashboard" / "index.html").resolve().as_uri()
+    dom = _dom(browser, tmp_path, f"{index}#feature={f}")
+    assert 'id="sources"' in dom
+    for name, _ in sources["fractions"]:
+        assert f'data-component="{name}"' in dom
+
+    dom = _dom(browser, tmp_path, f"{index}#components")
+    assert 'id="components"' in dom
+    for kind in kinds:
+        assert f'data-kind="{kind}"' in dom
+    assert dom.count('class="cell') == len(kinds) * n_layers * n_heads
+    for kind in comps["neurons"]["tagged"]:
+        assert f'data-neuron-type="{kind}"' in dom
+
+    head, fed = max(
+        ((h, v) for h, v in comps["feeds"].items() if re.fullmatch(r"L\d+H\d+", h)), key=lambda x: len(x[1])
+    )
+    dom = _dom(browser, tmp_path, f"{index}#head={head}")
+    assert f"Head {head}" in dom
+    for feature, _ in fed[:3]:
+        assert f'href="#feature={feature}"' in dom

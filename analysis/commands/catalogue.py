@@ -68,7 +68,24 @@ def describe(result: CatalogueResult, mechanism: str, n: int) -> list[str]:
         ev = {k: v for k, v in tag["evidence"].items() if k != "probe" and not isinstance(v, list)}
         lists = {k: v[:5] for k, v in tag["evidence"].items() if isinstance(v, list)}
         lines.append(f"    feature {f}: score {tag['score']:.2f}  {_short(ev)}  {_short(lists)}")
+        comp = tag.get("components")
+        if comp:
+            share = f" {100 * comp['share']:.0f} % from {' / '.join(comp['types'])}" if "share" in comp else ""
+            top = ", ".join(f"{n} {100 * x:.0f} %" for n, x, *_ in comp.get("components", [])[:3])
+            why = f" ({comp['reason']})" if "reason" in comp else ""
+            lines.append(f"      components: {comp['status']}{share}{f' ({top})' if top else ''}{why}")
     return lines
+
+
+def evidence_lines(results: dict[str, CatalogueResult]) -> list[str]:
+    """Per SAE and mechanism, how many tags their sources support, contradict (flagged) or cannot test."""
+    lines = []
+    for hook, result in results.items():
+        for m, d in result.detectors.items():
+            if d.get("component_evidence"):
+                counts = ", ".join(f"{n} {status}" for status, n in d["component_evidence"].items())
+                lines.append(f"  {m}{f' ({hook})' if hook else ''}: {counts}")
+    return ["component evidence (features/components.json, from 'sae inspect'):", *lines] if lines else []
 
 
 def _short(d: dict) -> str:
@@ -96,6 +113,7 @@ def run(cfg: Config) -> dict[str, CatalogueResult] | None:
         for hook, folder in folders.items()
     }
     print(summary_table(results, cat))
+    print("\n".join(evidence_lines(results)))
     if cfg.show:
         for hook, result in results.items():
             for m in cat.mechanisms:
