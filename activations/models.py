@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     finally:
         if before != "eager":
             model.set_attn_implementation(before)
+
+
+def model_slug(name: str) -> str:
+    """A model name as a file-name part: its last path part with anything but letters, digits, '.', '_', '-'
+    replaced (`HuggingFaceTB/SmolLM2-135M` -> `SmolLM2-135M`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or "model")
 
 
 def cache_dir() -> Path:

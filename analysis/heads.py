@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from activations.files import atomic_write_text
-from activations.models import LoadedModel, cache_dir
+from activations.models import LoadedModel, cache_dir, model_slug
 from analysis.head_ov import copying_scores, successor_scores
 from analysis.head_probes import (
     Patterns,
@@ -231,7 +230,7 @@ def cache_path(lm: LoadedModel, settings: ProbeSettings) -> Path:
     key = json.dumps(
         [SCHEMA, lm.model.config.to_json_string(use_diff=False), dataclasses.asdict(settings), _fingerprint(lm)]
     )
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(lm.name).name or "model")
+    slug = model_slug(lm.name)
     return cache_dir() / "heads" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
 
 

@@ -53,7 +53,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from activations.files import atomic_write_text
-from activations.models import LoadedModel, cache_dir
+from activations.models import LoadedModel, cache_dir, model_slug
 from analysis.component_capture import block_maps, blocks
 from analysis.head_probes import prefix_ids
 from analysis.logits import Unembed, unembedding
@@ -455,7 +454,7 @@ def cache_path(lm: LoadedModel, settings: NeuronSettings, counts: Tensor | None 
     key = json.dumps(
         [SCHEMA, lm.model.config.to_json_string(use_diff=False), dataclasses.asdict(settings), _fingerprint(lm), given]
     )
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(lm.name).name or "model")
+    slug = model_slug(lm.name)
     return cache_dir() / "neurons" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
 
 

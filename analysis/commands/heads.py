@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from activations.config import ModelConfig, model_dtype, pick_device
-from activations.models import load_model
+from activations.models import load_model, model_slug
 from activations.options import check_fields, option
 from analysis.head_ablation import ABLATION_MODES, AblationResult, ablation_check, ablation_table
 from analysis.head_report import heatmaps, score_table
@@ -47,7 +46,7 @@ def out_folder(cfg: Config, model_name: str) -> Path:
     """--out, or heads/<model> (the model's last path part, made file-name safe)."""
     if cfg.out:
         return Path(cfg.out)
-    return Path("heads") / re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name).name or "model")
+    return Path("heads") / model_slug(model_name)
 
 
 def as_json(cat: HeadCatalogue, ablation: dict[str, AblationResult] | None) -> str:

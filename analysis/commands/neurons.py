@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from activations.config import ModelConfig, model_dtype, pick_device
-from activations.models import load_model
+from activations.models import load_model, model_slug
 from activations.options import check_fields, option
 from analysis.neurons import PROBES, NeuronCatalogue, NeuronSettings, classify_neurons
 
@@ -48,7 +47,7 @@ def out_folder(cfg: Config, model_name: str) -> Path:
     """--out, or neurons/<model> (the model's last path part, made file-name safe)."""
     if cfg.out:
         return Path(cfg.out)
-    return Path("neurons") / re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name).name or "model")
+    return Path("neurons") / model_slug(model_name)
 
 
 def entry(cat: NeuronCatalogue, kind: str, layer: int, neuron: int, tokenizer=None) -> dict:
