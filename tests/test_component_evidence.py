@@ -19,6 +19,7 @@ from analysis.component_capture import span_of
 from analysis.component_evidence import add_component_evidence
 from analysis.component_types import ComponentTypes, label
 from analysis.components import feature_entries, feature_sources
+from analysis.dashboard_sources import read_sources
 from analysis.head_probes import prefix_ids, repeated_tokens, token_pool
 from analysis.heads import ProbeSettings, classify_heads
 from sae.config import SAEConfig
@@ -131,3 +132,10 @@ def test_catalogue_component_types_are_checked(tmp_path):
     with pytest.raises(UserError, match="unknown component types"):
         load_catalogue(typo)
     assert load_catalogue()["induction"].components == ("head:induction",)
+
+
+def test_a_damaged_components_file_is_one_clear_error(tmp_path):
+    assert read_sources(tmp_path) is None  # none written yet: no sources on the dashboard
+    (tmp_path / "components.json").write_text('{"hook": "blocks.1.hook_resid_post", "feat')
+    with pytest.raises(UserError, match="components.json is unreadable.*sae inspect"):
+        read_sources(tmp_path)
