@@ -119,8 +119,12 @@ class FrozenNorm:
 
 
 def mlp_norm(model: nn.Module, layer: int) -> FrozenNorm:
-    """The norm in front of `layer`'s MLP (RMSNorm or LayerNorm; Gemma's RMSNorm multiplies by 1 + weight)."""
-    norm = blocks(model)[layer].get_submodule(_MLP_NORM[family(model)])
+    """The norm in front of `layer`'s MLP."""
+    return frozen_norm(blocks(model)[layer].get_submodule(_MLP_NORM[family(model)]))
+
+
+def frozen_norm(norm: nn.Module) -> FrozenNorm:
+    """A norm module's parameters (RMSNorm or LayerNorm; Gemma's RMSNorm multiplies by 1 + weight)."""
     name = type(norm).__name__
     weight = norm.weight.detach().float()
     gain = 1 + weight if name.startswith("Gemma") else weight
