@@ -152,9 +152,9 @@ def write_sources(
     out: Path,
 ) -> tuple[ComponentTypes, dict] | None:
     """features/components.json: each feature's top examples rerun in their own held-out contexts and split into
-        the embeddings, heads and MLPs that wrote them, named with their catalogue types; then the mechanism tags get
-        their component evidence (skipped, saying so, for models the split does not support). Returns the catalogues
-    and what it wrote, or None when skipped."""
+    the embeddings, heads and MLPs that wrote them, named with their catalogue types; then the mechanism tags get
+    their component evidence. Returns the catalogues and what it wrote, or None (saying so) for models the split
+    does not support."""
     try:
         family(lm.model)
     except UserError as e:
