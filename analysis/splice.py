@@ -16,7 +16,7 @@ Llama-family and GPT-2 blocks (analysis.component_capture.family); attention run
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -57,7 +57,14 @@ def _hooks(sae: SAE, model: nn.Module) -> tuple[HookPoint, HookPoint]:
     return read, (parse_hook(out, model) if out else read)
 
 
-def _splice_fns(saes: list[SAE], model: nn.Module, nodes: Nodes, opts: SpliceOptions) -> dict[HookPoint, object]:
+def _splice_fns(
+    saes: list[SAE],
+    model: nn.Module,
+    nodes: Nodes,
+    opts: SpliceOptions,
+    edits: dict[str, Callable[[Tensor], Tensor]],
+    ablate_errors: bool,
+) -> dict[HookPoint, object]:
     """One function per hook point: encode the clean activation for every SAE reading there, then replace it for
     the SAE writing there (a plain SAE does both at its hook; a transcoder reads one hook and writes another)."""
     readers: dict[HookPoint, list[SAE]] = {}
@@ -81,7 +88,9 @@ def _splice_fns(saes: list[SAE], model: nn.Module, nodes: Nodes, opts: SpliceOpt
             error = act - x_hat.detach()  # through the activation only: its own features reach x only via x_hat
             error = _node(error.detach() if opts.detach_errors else error)
             nodes.errors[hp.name] = error
-            return x_hat + error
+            if hp.name in edits:  # the edited features decode; the error stays the clean one (or is dropped)
+                x_hat = (sae.decode(edits[hp.name](nodes.features[hp.name])) / scale).to(act.dtype)
+            return x_hat if ablate_errors else x_hat + error
 
         return fn
 
@@ -135,9 +144,17 @@ def _frozen_attention_hooks(model: nn.Module, layer: int):
 
 
 @contextmanager
-def spliced(lm: LoadedModel, saes: list[SAE], options: SpliceOptions = SpliceOptions()) -> Iterator[Nodes]:
+def spliced(
+    lm: LoadedModel,
+    saes: list[SAE],
+    options: SpliceOptions = SpliceOptions(),
+    edits: dict[str, Callable[[Tensor], Tensor]] | None = None,
+    ablate_errors: bool = False,
+) -> Iterator[Nodes]:
     """Inside the block every forward of `lm.model` runs with the SAEs spliced in; yields the Nodes of the latest
-    forward (each forward overwrites them)."""
+    forward (each forward overwrites them). `edits` (hook written -> function of the features [B, T, d_sae])
+    changes what a dictionary decodes, its error staying the clean one; `ablate_errors` drops every error term."""
+    edits = edits or {}
     model = lm.model
     family(model)  # unsupported architectures: one clear error
     if not saes:
@@ -165,7 +182,12 @@ def spliced(lm: LoadedModel, saes: list[SAE], options: SpliceOptions = SpliceOpt
                 attn = attention(model, layer)
                 stack.callback(attn.register_forward_pre_hook(pre, with_kwargs=True).remove)
                 stack.callback(attn.register_forward_hook(post, with_kwargs=True).remove)
-        stack.enter_context(hooks_installed(model, _splice_fns(saes, model, nodes, options)))
+        unknown = sorted(set(edits) - set(writes))
+        if unknown:
+            raise UserError(
+                f"edits name hooks no dictionary writes ({', '.join(unknown)}); spliced: {', '.join(writes)}."
+            )
+        stack.enter_context(hooks_installed(model, _splice_fns(saes, model, nodes, options, edits, ablate_errors)))
         yield nodes
 
 
