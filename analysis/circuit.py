@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from activations.errors import UserError
+from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
-from analysis.attribution import Metric, NodeAttribution
+from analysis.attribution import LINEARISED, Metric, NodeAttribution
 from analysis.splice import spliced
 from sae.base import SAE
 
@@ -165,3 +166,53 @@ def faithfulness_curve(
     """(n, faithfulness of the top-n nodes by |attribution|) for each n in sizes."""
     rows = [node for node, _ in ranked(attr)]
     return [(n, faithfulness(lm, saes, tokens, metric, attr, rows[:n], **kw).faithfulness) for n in sizes]
+
+
+def edges(
+    lm: LoadedModel,
+    saes: list[SAE],
+    tokens: Tensor,
+    attr: NodeAttribution,
+    nodes: list[Node],
+    options=None,
+    chunk: int = 16,
+) -> list[tuple[Node, Node, float]]:
+    """Edges between kept nodes of consecutive spliced layers, u -> v, weight a_u * d f_v / d f_u * (dm / d f_v)
+    on the linearised model (Marks et al. 2024, attribution patching of edges). Each backward pass seeds one
+    downstream node per copy of the prompt, `chunk` copies at a time, so memory stays bounded."""
+    options = options or LINEARISED
+    hooks = sorted(attr.features, key=lambda h: depth(h, lm))
+    kept = set(nodes)
+    out: list[tuple[Node, Node, float]] = []
+    tokens = tokens if tokens.dim() == 2 else tokens[None]
+    for up, down in zip(hooks, hooks[1:]):
+        targets = [n for n in nodes if n[0] == down]
+        sources = [n for n in nodes if n[0] == up]
+        if not targets or not sources:
+            continue
+        for start in range(0, len(targets), chunk):
+            part = targets[start : start + chunk]
+            with spliced(lm, saes, options) as spliced_nodes:
+                lm.model(input_ids=tokens.repeat(len(part), 1).to(lm.device), use_cache=False)
+                f = spliced_nodes.features[down]
+                seed = sum(f[k, t, j] for k, (_, t, j) in enumerate(part))
+                grads = torch.autograd.grad(seed, spliced_nodes.features[up], allow_unused=True)[0]
+            if grads is None:
+                continue
+            for k, (_, t, j) in enumerate(part):
+                act_v = float(attr.activations[down][t, j])
+                scale = float(attr.features[down][t, j]) / act_v if act_v else 0.0  # dm / d f_v
+                for u in sources:
+                    weight = float(attr.activations[up][u[1], u[2]] * grads[k, u[1], u[2]]) * scale
+                    if weight and u in kept:
+                        out.append((u, (down, t, j), weight))
+    return sorted(out, key=lambda e: -abs(e[2]))
+
+
+_KIND_ORDER = ("hook_resid_pre", "hook_attn_out", "hook_mlp_in", "hook_mlp_out", "hook_resid_post")
+
+
+def depth(hook: str, lm: LoadedModel) -> tuple[int, int]:
+    """Where a hook sits in the forward: (layer, its place within the block)."""
+    hp = parse_hook(hook, lm.model)
+    return hp.layer, _KIND_ORDER.index(hp.kind)

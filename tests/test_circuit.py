@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from activations.errors import UserError
-from analysis.attribution import Metric, attribute_nodes
-from analysis.circuit import faithfulness, faithfulness_curve, prune, ranked
+from analysis.attribution import LINEARISED, Metric, attribute_nodes
+from analysis.circuit import edges, faithfulness, faithfulness_curve, prune, ranked
+from analysis.splice import spliced
 from sae.config import SAEConfig
 from sae.registry import make_sae
 
@@ -66,3 +67,28 @@ def test_bad_circuit_options_are_user_errors(tiny_llama):
         faithfulness(tiny_llama, [sae], tokens, Metric(target=TARGET), attr, [], ablation="resample")
     with pytest.raises(UserError, match="reference tokens"):
         faithfulness(tiny_llama, [sae], tokens, Metric(target=TARGET), attr, [], ablation="mean")
+
+
+def test_edges_follow_the_planted_path(tiny_llama):
+    """Edges run from the upstream SAE to the last one, never backwards in position, largest first, and each weight
+    is a_u * d f_v / d f_u * dm / d f_v: the batched, chunked backward passes agree with one plain backward."""
+    lm = tiny_llama
+    sae, hook = _planted(lm)
+    up_hook = "blocks.1.hook_resid_post"
+    torch.manual_seed(1)
+    upstream = make_sae(SAEConfig(d_in=lm.d_model, d_sae=32, k=4, hook_name=up_hook, model_name=lm.name))
+    tokens = torch.randint(100, 5000, (1, 8), generator=torch.Generator().manual_seed(3))
+    saes = [upstream, sae]
+    attr = attribute_nodes(lm, saes, tokens, Metric(target=TARGET))
+    nodes = [node for node, _ in ranked(attr)]
+    found = edges(lm, saes, tokens, attr, nodes, chunk=3)
+    assert found and all(u[0] == up_hook and v[0] == hook for u, v, _ in found)
+    assert all(u[1] <= v[1] for u, v, _ in found)  # causal: no edge from a later position
+    assert [abs(w) for _, _, w in found] == sorted((abs(w) for _, _, w in found), reverse=True)
+    for u, v, weight in found[:3]:
+        with spliced(lm, saes, LINEARISED) as nodes:
+            lm.model(input_ids=tokens, use_cache=False)
+            (grad,) = torch.autograd.grad(nodes.features[hook][0, v[1], v[2]], nodes.features[up_hook])
+        dm_dfv = float(attr.features[hook][v[1], v[2]] / attr.activations[hook][v[1], v[2]])
+        expected = float(attr.activations[up_hook][u[1], u[2]] * grad[0, u[1], u[2]]) * dm_dfv
+        assert weight == pytest.approx(expected, rel=1e-4, abs=1e-6)
