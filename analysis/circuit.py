@@ -5,7 +5,8 @@ they are, measured by ablation on the real (not linearised) spliced model (Marks
     completeness(C) = (m(all minus C) - m(none)) / (m(all) - m(none))   only C ablated (near 0: C is complete)
 m(all) is the clean metric (splicing changes nothing), m(none) the metric with every feature node ablated; an
 ablated node takes 0 (zero-ablation) or its mean over reference text (mean-ablation); error terms are kept unless
-`ablate_errors`.
+`ablate_errors`. Positions before `first` are no nodes (`sae circuit` passes 1: saelab's SAEs never train on a
+context's first position, the attention sink, so its features there are left as they are).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ Node = tuple[str, int, int]  # (hook the dictionary writes, position, feature)
 ABLATIONS = ("zero", "mean")
 
 
-def ranked(attr: NodeAttribution) -> list[tuple[Node, float]]:
-    """Every feature node with a non-zero attribution, largest |attribution| first."""
+def ranked(attr: NodeAttribution, first: int = 0) -> list[tuple[Node, float]]:
+    """Every feature node at positions >= first with a non-zero attribution, largest |attribution| first."""
     rows = []
     for hook, a in attr.features.items():
-        flat = a.flatten()
+        flat = torch.cat([torch.zeros(first * a.shape[1]), a[first:].flatten()]) if first else a.flatten()
         nonzero = flat.nonzero().squeeze(1)
         order = nonzero[flat[nonzero].abs().argsort(descending=True)]
         width = a.shape[1]
@@ -38,11 +39,14 @@ def ranked(attr: NodeAttribution) -> list[tuple[Node, float]]:
     return sorted(rows, key=lambda r: -abs(r[1]))
 
 
-def prune(attr: NodeAttribution, node_fraction: float = 0.8, max_nodes: int | None = None) -> list[Node]:
-    """The fewest top nodes whose |attribution| sums to `node_fraction` of the total (at most `max_nodes`)."""
+def prune(
+    attr: NodeAttribution, node_fraction: float = 0.8, max_nodes: int | None = None, first: int = 0
+) -> list[Node]:
+    """The fewest top nodes (positions >= first) whose |attribution| sums to `node_fraction` of their total (at
+    most `max_nodes`)."""
     if not 0 < node_fraction <= 1:
         raise UserError(f"node_fraction must lie in (0, 1], not {node_fraction}.")
-    rows = ranked(attr)
+    rows = ranked(attr, first)
     total = sum(abs(v) for _, v in rows)
     kept, running = [], 0.0
     for node, value in rows:
@@ -118,11 +122,14 @@ def metric_with(
         return float(metric(lm.model(input_ids=tokens.to(lm.device), use_cache=False).logits)[0])
 
 
-def _masks(attr: NodeAttribution, nodes: list[Node], value: bool) -> dict[str, Tensor]:
+def _masks(attr: NodeAttribution, nodes: list[Node], value: bool, first: int) -> dict[str, Tensor]:
+    """[1, T, d_sae] per hook: True where a feature keeps its value (positions < first always do)."""
     masks = {hook: torch.full(a.shape, not value, dtype=torch.bool) for hook, a in attr.features.items()}
     for hook, t, f in nodes:
         masks[hook][t, f] = value
-    return {hook: m[None] for hook, m in masks.items()}  # [1, T, d_sae]
+    for m in masks.values():
+        m[:first] = True
+    return {hook: m[None] for hook, m in masks.items()}
 
 
 def faithfulness(
@@ -135,16 +142,18 @@ def faithfulness(
     ablation: str = "zero",
     reference: Tensor | None = None,
     ablate_errors: bool = False,
+    first: int = 0,
 ) -> Faithfulness:
-    """How much of the metric the circuit recovers with everything else ablated, and how much is left without it."""
+    """How much of the metric the circuit recovers with everything else ablated, and how much is left without it
+    (positions < first are never ablated: they are no nodes)."""
     if ablation not in ABLATIONS:
         raise UserError(f"ablation '{ablation}' is unknown; use one of {', '.join(ABLATIONS)}.")
     if ablation == "mean" and reference is None:
         raise UserError("mean-ablation needs reference tokens to take the feature means over.")
     tokens = tokens if tokens.dim() == 2 else tokens[None]
     base = mean_features(lm, saes, reference) if ablation == "mean" else None
-    everything = _masks(attr, [], False)  # all True
-    nothing = {hook: ~m for hook, m in everything.items()}
+    everything = _masks(attr, [], False, first)  # all True
+    nothing = _masks(attr, [], True, first)  # only positions < first
 
     def run(kept: dict[str, Tensor]) -> float:
         return metric_with(lm, saes, tokens, metric, kept, base, ablate_errors)
@@ -152,8 +161,8 @@ def faithfulness(
     return Faithfulness(
         full=run(everything),
         empty=run(nothing),
-        circuit=run(_masks(attr, circuit, True)),
-        complement=run(_masks(attr, circuit, False)),
+        circuit=run(_masks(attr, circuit, True, first)),
+        complement=run(_masks(attr, circuit, False, first)),
         size=len(circuit),
         ablation=ablation,
         ablate_errors=ablate_errors,
@@ -164,7 +173,7 @@ def faithfulness_curve(
     lm: LoadedModel, saes: list[SAE], tokens: Tensor, metric: Metric, attr: NodeAttribution, sizes: list[int], **kw
 ) -> list[tuple[int, float]]:
     """(n, faithfulness of the top-n nodes by |attribution|) for each n in sizes."""
-    rows = [node for node, _ in ranked(attr)]
+    rows = [node for node, _ in ranked(attr, kw.get("first", 0))]
     return [(n, faithfulness(lm, saes, tokens, metric, attr, rows[:n], **kw).faithfulness) for n in sizes]
 
 

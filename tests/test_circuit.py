@@ -4,13 +4,17 @@ whole node set is faithful by definition, and its complement is not."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from activations.errors import UserError
+from activations.models import load_model
 from analysis.attribution import LINEARISED, Metric, attribute_nodes
 from analysis.circuit import edges, faithfulness, faithfulness_curve, prune, ranked
 from analysis.splice import spliced
+from sae.cli import main
 from sae.config import SAEConfig
 from sae.registry import make_sae
 
@@ -92,3 +96,35 @@ def test_edges_follow_the_planted_path(tiny_llama):
         dm_dfv = float(attr.features[hook][v[1], v[2]] / attr.activations[hook][v[1], v[2]])
         expected = float(attr.activations[up_hook][u[1], u[2]] * grad[0, u[1], u[2]]) * dm_dfv
         assert weight == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+TRAIN = (
+    "--hooks blocks.1.hook_resid_post,blocks.2.hook_resid_post --dataset tinyshakespeare --tokens 2048 "
+    "--batch-size 256 --buffer-tokens 1024 --context-size 32 --d-sae 64 --k 6 --eval-tokens 128 --device cpu"
+).split()
+
+
+def test_sae_circuit_writes_the_graph(tiny_llama_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", tiny_llama_dir, *TRAIN, "--out", str(run)]) == 0
+    argv = ["circuit", str(run), "--prompt", "First Citizen: before we proceed", "--target", " any", "--name", "g"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    graph = json.loads((run / "circuits" / "g.json").read_text())
+    assert graph["hooks"] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert graph["nodes"] and all(n["position"] >= 1 for n in graph["nodes"])  # the first position is no node
+    lm = load_model(tiny_llama_dir)
+    ids = torch.tensor([lm.tokenizer("First Citizen: before we proceed")["input_ids"]])
+    target = lm.tokenizer(" any", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        logit = float(lm.model(input_ids=ids).logits[0, -1, target])
+    assert graph["metric"]["value"] == pytest.approx(logit, abs=1e-4)
+    assert set(graph["faithfulness"]) >= {"faithfulness", "completeness", "full", "empty"}
+    assert graph["faithfulness"]["full"] == pytest.approx(logit, abs=1e-4)
+    assert graph["curve"][-1][1] == pytest.approx(1.0, abs=1e-4)  # every node kept: the whole metric
+    ids_of = {n["id"] for n in graph["nodes"]}
+    assert all(e["source"] in ids_of and e["target"] in ids_of for e in graph["edges"])
+    assert "graph:" in capsys.readouterr().out
+    code = main([*argv[:-4], "--target", "xq zv", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert "one token" in err
