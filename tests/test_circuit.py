@@ -124,6 +124,10 @@ def test_sae_circuit_writes_the_graph(tiny_llama_dir, tmp_path, capsys):
     ids_of = {n["id"] for n in graph["nodes"]}
     assert all(e["source"] in ids_of and e["target"] in ids_of for e in graph["edges"])
     assert "graph:" in capsys.readouterr().out
+    assert main([*argv, "--ablation", "mean", "--reference-tokens", "256", "--device", "cpu"]) == 0
+    mean = json.loads((run / "circuits" / "g.json").read_text())["faithfulness"]
+    assert mean["ablation"] == "mean" and mean["full"] == pytest.approx(logit, abs=1e-4)
+    capsys.readouterr()
     code = main([*argv[:-4], "--target", "xq zv", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from activations.config import SAEModelConfig
+from activations.config import HeldOutText, SAEModelConfig
 from activations.errors import UserError
 from activations.files import atomic_write_json, check_writable
 from activations.hookpoints import parse_hook
 from activations.options import check_fields, option
+from activations.sources import open_text_source
 from analysis.attribution import METRIC_KINDS, Metric, attribute_nodes
+from analysis.catalogue import held_out_text
 from analysis.circuit import ABLATIONS, edges, faithfulness, faithfulness_curve, prune, ranked
 from analysis.dashboard import read_feature_tags
 from analysis.dashboard_sources import read_sources
@@ -52,10 +54,14 @@ class Config:
     also: list[str] = option(help="more run folders whose SAEs are spliced too (comma-separated)", default_factory=list)
     node_fraction: float = option(0.8, "keep the top nodes carrying this share of |attribution|", above=0, high=1)
     max_nodes: int = option(64, "at most this many feature nodes", low=1)
-    ablation: str = option("zero", "what an ablated node takes: zero, or its mean over the prompt", choices=ABLATIONS)
+    ablation: str = option(
+        "zero", "what an ablated node takes: zero, or its mean over held-out text (--text)", choices=ABLATIONS
+    )
     ablate_errors: bool = option(False, "also ablate the error terms in the faithfulness check")
     name: str | None = option(None, "file name under RUN/circuits/ (default: from the prompt)")
+    reference_tokens: int = option(2048, "held-out tokens the feature means of --ablation mean are taken over", low=1)
     model: SAEModelConfig = field(default_factory=SAEModelConfig, metadata=dict(help="model"))
+    text: HeldOutText = field(default_factory=HeldOutText, metadata=dict(help="held-out text for mean-ablation"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -70,6 +76,19 @@ def one_token(tokenizer, text: str, what: str) -> int:
     return ids[0]
 
 
+def reference_text(cfg: Config, sae, lm) -> torch.Tensor:
+    """[B, T] held-out contexts (the SAE's corpus's test split by default) for the feature means."""
+    t = cfg.text
+    source = open_text_source(
+        t.dataset or sae.cfg.dataset or "wikitext-2",
+        split=t.split,
+        config=t.dataset_config,
+        text_field=t.text_field,
+        data_dir=t.data_dir,
+    )
+    return held_out_text(source, lm.tokenizer, cfg.reference_tokens, sae.cfg.context_size or 128, sae.cfg.prepend_bos)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "circuit"
 
@@ -80,8 +99,8 @@ def run(cfg: Config) -> Path:
         folders.update({f"{extra}:{hook}": path for hook, path in sae_folders(extra).items()})
     out = Path(cfg.run) / "circuits"
     check_writable(Path(cfg.run), "RUN")
-    first, lm = open_sae(next(iter(folders.values())), model=cfg.model.model, device=cfg.model.device)
-    saes = [first] + [load_sae(path, device=str(lm.device)) for path in list(folders.values())[1:]]
+    leading, lm = open_sae(next(iter(folders.values())), model=cfg.model.model, device=cfg.model.device)
+    saes = [leading] + [load_sae(path, device=str(lm.device)) for path in list(folders.values())[1:]]
     target = one_token(lm.tokenizer, cfg.target, "target")
     contrast = one_token(lm.tokenizer, cfg.contrast, "contrast") if cfg.contrast is not None else None
     tokens = torch.tensor([lm.tokenizer(cfg.prompt)["input_ids"]])
@@ -91,11 +110,12 @@ def run(cfg: Config) -> Path:
     attr = attribute_nodes(lm, saes, tokens, metric)
     kept = prune(attr, cfg.node_fraction, cfg.max_nodes, first=FIRST)
     links = edges(lm, saes, tokens, attr, kept)
-    faith = faithfulness(lm, saes, tokens, metric, attr, kept, cfg.ablation, tokens, cfg.ablate_errors, first=FIRST)
+    reference = reference_text(cfg, leading, lm) if cfg.ablation == "mean" else None
+    faith = faithfulness(lm, saes, tokens, metric, attr, kept, cfg.ablation, reference, cfg.ablate_errors, first=FIRST)
     total = len(ranked(attr, FIRST))
     sizes = sorted({min(2**i, total) for i in range(total.bit_length() + 1)} - {0})
     curve = faithfulness_curve(
-        lm, saes, tokens, metric, attr, sizes, ablation=cfg.ablation, reference=tokens, first=FIRST
+        lm, saes, tokens, metric, attr, sizes, ablation=cfg.ablation, reference=reference, first=FIRST
     )
     text = [lm.tokenizer.decode([t]) for t in tokens[0].tolist()]
     folder_of = {_writes(sae): path for sae, path in zip(saes, folders.values())}
