@@ -5,6 +5,8 @@ whole node set is faithful by definition, and its complement is not."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -124,6 +126,21 @@ def test_sae_circuit_writes_the_graph(tiny_llama_dir, tmp_path, capsys):
     ids_of = {n["id"] for n in graph["nodes"]}
     assert all(e["source"] in ids_of and e["target"] in ids_of for e in graph["edges"])
     assert "graph:" in capsys.readouterr().out
+    browser = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
+    if browser is not None:  # the page draws every kept node and edge, and the faithfulness panel
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+        url = (run / "circuits" / "g.html").resolve().as_uri()
+        dom = subprocess.run(
+            [browser, *flags, "--virtual-time-budget=5000", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        assert dom.count("data-node=") == len(graph["nodes"]) > 0
+        assert dom.count("data-edge=") == len(graph["edges"])
+        assert 'data-stat="faithfulness"' in dom and 'id="curve-line"' in dom
     assert main([*argv, "--ablation", "mean", "--reference-tokens", "256", "--device", "cpu"]) == 0
     mean = json.loads((run / "circuits" / "g.json").read_text())["faithfulness"]
     assert mean["ablation"] == "mean" and mean["full"] == pytest.approx(logit, abs=1e-4)

@@ -11,6 +11,7 @@ activation and influence, weighted edges); it differs in naming SAE features by 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -27,6 +28,7 @@ from activations.sources import open_text_source
 from analysis.attribution import METRIC_KINDS, Metric, attribute_nodes
 from analysis.catalogue import held_out_text
 from analysis.circuit import ABLATIONS, edges, faithfulness, faithfulness_curve, prune, ranked
+from analysis.circuit_page import write_circuit_page
 from analysis.dashboard import read_feature_tags
 from analysis.dashboard_sources import read_sources
 from sae.io import load_sae
@@ -38,7 +40,7 @@ DESCRIPTION = (
     "Splice every SAE of RUN (and --also runs) into the model, score each feature node of the prompt by activation "
     "x gradient on the target's logit (attention, norms and errors linearised), keep the nodes carrying "
     "--node-fraction of the attribution, add the edges between kept nodes of consecutive layers, and measure the "
-    "circuit's faithfulness by ablating everything else. Writes RUN/circuits/<name>.json."
+    "circuit's faithfulness by ablating everything else. Writes RUN/circuits/<name>.json and its page <name>.html."
 )
 
 
@@ -157,6 +159,12 @@ def run(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{cfg.name or _slug(cfg.prompt + ' ' + cfg.target)}.json"
     atomic_write_json(path, data, indent=1)
+    dashboards = {
+        hook: os.path.relpath(folder / "dashboard" / "index.html", out)
+        for hook, folder in folder_of.items()
+        if (folder / "dashboard" / "index.html").is_file()
+    }
+    page = write_circuit_page(data, path.with_suffix(".html"), dashboards)
     print(
         f"{cfg.metric} of {cfg.target!r}"
         + (f" - {cfg.contrast!r}" if cfg.contrast else "")
@@ -166,7 +174,7 @@ def run(cfg: Config) -> Path:
     for node in data["nodes"][:10]:
         tag = f"  [{', '.join(node['tags'])}]" if node["tags"] else ""
         print(f"  {node['id']:<40} {node['token']!r:<12} attribution {node['attribution']:+.3f}{tag}")
-    print(f"graph: {path}")
+    print(f"graph: {path}\npage: {page.resolve().as_uri()}")
     return path
 
 

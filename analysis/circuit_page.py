@@ -1,0 +1,25 @@
+"""The offline page of a circuit graph (`sae circuit`): layers x positions, a circle per kept feature node (area by
+|attribution|, orange promotes the metric, blue works against it), edge widths by |weight|, a node's details on
+hover, a click through to the feature's dashboard page, and the faithfulness panel with its curve."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from activations.files import atomic_write_text
+
+
+def write_circuit_page(graph: dict, path: str | Path, dashboards: dict[str, str]) -> Path:
+    """Write the page of `graph` (the circuit JSON) to `path`; `dashboards` maps a hook to the relative URL of its
+    SAE's dashboard index.html (nodes of hooks without one are not links)."""
+
+    def embed(value) -> str:  # JSON inside <script>: no closing tag can end it early
+        return json.dumps(value, ensure_ascii=False).replace("</", "<\\/")
+
+    template = resources.files("analysis").joinpath("circuit_template.html").read_text(encoding="utf-8")
+    html = template.replace("__GRAPH__", embed(graph)).replace("__LINKS__", embed(dashboards))
+    path = Path(path)
+    atomic_write_text(path, html)
+    return path
