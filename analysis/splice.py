@@ -74,6 +74,11 @@ def _splice_fns(
         readers.setdefault(read, []).append(sae)
         writer[write] = sae
     key = {id(sae): _hooks(sae, model)[1].name for sae in saes}
+    scale = {  # what the reconstruction is divided by: a transcoder's output scale, else the SAE's own
+        id(sae): sae.cfg.norm_scale_out if read != write else sae.cfg.norm_scale
+        for sae in saes
+        for read, write in [_hooks(sae, model)]
+    }
 
     def at(hp: HookPoint):
         def fn(act: Tensor) -> Tensor | None:
@@ -83,13 +88,12 @@ def _splice_fns(
             sae = writer.get(hp)
             if sae is None:
                 return None
-            scale = sae.cfg.norm_scale_out if _hooks(sae, model)[0] != hp else sae.cfg.norm_scale
-            x_hat = (sae.decode(nodes.features[hp.name]) / scale).to(act.dtype)
+            x_hat = (sae.decode(nodes.features[hp.name]) / scale[id(sae)]).to(act.dtype)
             error = act - x_hat.detach()  # through the activation only: its own features reach x only via x_hat
             error = _node(error.detach() if opts.detach_errors else error)
             nodes.errors[hp.name] = error
             if hp.name in edits:  # the edited features decode; the error stays the clean one (or is dropped)
-                x_hat = (sae.decode(edits[hp.name](nodes.features[hp.name])) / scale).to(act.dtype)
+                x_hat = (sae.decode(edits[hp.name](nodes.features[hp.name])) / scale[id(sae)]).to(act.dtype)
             return x_hat if ablate_errors else x_hat + error
 
         return fn
