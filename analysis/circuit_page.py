@@ -1,6 +1,8 @@
-"""The offline page of a circuit graph (`sae circuit`): layers x positions, a circle per kept feature node (area by
-|attribution|, orange promotes the metric, blue works against it), edge widths by |weight|, a node's details on
-hover, a click through to the feature's dashboard page, and the faithfulness panel with its curve."""
+"""The offline page of a circuit graph (`sae circuit`): embeddings, spliced layers and the output x positions, a
+circle per kept feature node (area by |attribution|, orange promotes the metric, blue works against it), error and
+token nodes, link widths by |weight|, a node's tags, sources, examples and heads on hover, the heads carrying links
+across positions, a click through to the feature's dashboard page, the faithfulness panel and curve, and the
+attribution-against-ablation check."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Layout of `dashboard/`: `index.html` (the template, unchanged), `data/index.js` (run summary and one
 short row per feature, for the searchable list) and `data/features_NNNNN.js` (full records, `chunk_size`
 features each). Pages opened from disk may not fetch(), so each data file is a script calling
-`SAELAB.index(...)` / `SAELAB.chunk(n, [...])`.
+`SAELAB.index(...)` / `SAELAB.chunk(n, [...])`. `circuits.js`, beside index.html and so kept when data/ is
+rewritten, links the circuit pages of `sae circuit` (analysis.dashboard_circuits).
 
 A record (built by `RecordBuilder` / `feature_record`): {"id", "density", "count", "mean", "max",
 "hist": {"max", "counts"}, "top": [example], "intervals": [{"lo", "hi", "count", "examples"}],

@@ -4,8 +4,9 @@ differentiable nodes (the replacement model of Marks et al. 2024, "Sparse Featur
 2025, "Circuit Tracing").
 
 At a plain SAE's hook x is replaced by  x_hat(f) + e,  f = encode(x · s), x_hat = decode(f) / s, e = x - x_hat
-(s: the SAE's norm_scale), e taken with x_hat detached, so a feature reaches downstream only through x_hat and
-the upstream model reaches it through x (into f and e). A transcoder reads its input hook and replaces its output
+(s: the SAE's norm_scale), e taken through its own copy of the encoding, so a feature node reaches downstream only
+through x_hat, and the upstream model reaches downstream through f and e with the clean model's gradient (the
+identity: nothing is counted twice). A transcoder reads its input hook and replaces its output
 hook the same way (its reconstruction divided by norm_scale_out). Options:
 - freeze_attention: every attention layer's pattern is held at its value in this forward (its output is rebuilt
   from the pattern, detached, and the values, which keep their gradient), so attention is linear in its values;
@@ -48,6 +49,18 @@ class Nodes:
     features: dict[str, Tensor] = field(default_factory=dict)
     errors: dict[str, Tensor] = field(default_factory=dict)
     inputs: dict[str, Tensor] = field(default_factory=dict)  # the activation each SAE read
+    heads: dict[int, HeadFlow] = field(default_factory=dict)  # per layer, with frozen attention only
+
+
+@dataclass
+class HeadFlow:
+    """One frozen attention layer of the latest forward: the pattern [B, H, T, T] and values [B, T, H, dh]
+    (detached) and the heads' outputs z [B, T, H, dh] before the output projection, a node whose gradient is kept.
+    Head h moves  pattern[b, h, j, i] * values[b, i, h] · dz[b, j, h]  of a target's gradient from i to j."""
+
+    pattern: Tensor
+    values: Tensor
+    z: Tensor
 
 
 def _hooks(sae: SAE, model: nn.Module) -> tuple[HookPoint, HookPoint]:
@@ -80,16 +93,22 @@ def _splice_fns(
         for read, write in [_hooks(sae, model)]
     }
 
+    raw: dict[str, Tensor] = {}  # each dictionary's encoding, the copy its error term is taken through
+
     def at(hp: HookPoint):
         def fn(act: Tensor) -> Tensor | None:
             for sae in readers.get(hp, []):
-                nodes.features[key[id(sae)]] = _node(sae.encode(act.to(sae.dtype) * sae.cfg.norm_scale))
+                code = sae.encode(act.to(sae.dtype) * sae.cfg.norm_scale)
+                raw[key[id(sae)]] = code
+                nodes.features[key[id(sae)]] = _node(code.clone() if code.requires_grad else code)
                 nodes.inputs[key[id(sae)]] = act
             sae = writer.get(hp)
             if sae is None:
                 return None
             x_hat = (sae.decode(nodes.features[hp.name]) / scale[id(sae)]).to(act.dtype)
-            error = act - x_hat.detach()  # through the activation only: its own features reach x only via x_hat
+            # e = act - x_hat(encode(x)) through the encoding's own copy, not the feature node: downstream sees the
+            # features only through x_hat, and d(x_hat + e) / d act is the identity, as in the model itself
+            error = act - (sae.decode(raw[hp.name]) / scale[id(sae)]).to(act.dtype)
             error = _node(error.detach() if opts.detach_errors else error)
             nodes.errors[hp.name] = error
             if hp.name in edits:  # the edited features decode; the error stays the clean one (or is dropped)
@@ -128,8 +147,9 @@ def _frozen_norm_hook(norm: nn.Module):
     return hook
 
 
-def _frozen_attention_hooks(model: nn.Module, layer: int):
-    """(pre-hook, hook) on layer's attention: its output rebuilt from the detached pattern and the values."""
+def _frozen_attention_hooks(model: nn.Module, layer: int, nodes: Nodes):
+    """(pre-hook, hook) on layer's attention: its output rebuilt from the detached pattern and the values (the
+    pattern, values and head outputs recorded in nodes.heads)."""
     seen: dict[str, Tensor] = {}
     proj = out_proj(model, layer)
 
@@ -141,8 +161,9 @@ def _frozen_attention_hooks(model: nn.Module, layer: int):
         if pattern is None:
             raise UserError("freezing attention needs the attention weights; this model's attention returns none.")
         v = head_values(model, layer, seen.pop("x"))  # [B, T, H, dh]
-        z = torch.einsum("bhts,bshd->bthd", pattern.detach().to(v.dtype), v).reshape(*v.shape[:2], -1)
-        return (proj(z).to(out[0].dtype), *out[1:])
+        z = _node(torch.einsum("bhts,bshd->bthd", pattern.detach().to(v.dtype), v))
+        nodes.heads[layer] = HeadFlow(pattern.detach(), v.detach(), z)
+        return (proj(z.flatten(-2)).to(out[0].dtype), *out[1:])
 
     return pre_hook, hook
 
@@ -182,7 +203,7 @@ def spliced(
                     stack.callback(module.register_forward_hook(_frozen_norm_hook(module)).remove)
         if options.freeze_attention:
             for layer in range(len(blocks(model))):
-                pre, post = _frozen_attention_hooks(model, layer)
+                pre, post = _frozen_attention_hooks(model, layer, nodes)
                 attn = attention(model, layer)
                 stack.callback(attn.register_forward_pre_hook(pre, with_kwargs=True).remove)
                 stack.callback(attn.register_forward_hook(post, with_kwargs=True).remove)

@@ -57,6 +57,31 @@ def test_the_spliced_forward_is_the_clean_forward(model, opts, request):
         torch.testing.assert_close(lm.model(input_ids=tokens, use_cache=False).logits, clean, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_splicing_leaves_the_gradients_of_the_model_unchanged(model, request):
+    """Without linearisation or detached errors the spliced model is the model, gradients included: the gradient
+    at the token embeddings is the clean one, however many SAEs and transcoders sit between them and the logits."""
+    lm = request.getfixturevalue(model)
+    saes = [
+        _sae(lm, "blocks.0.hook_resid_post"),
+        _sae(lm, "blocks.1.hook_mlp_in", seed=2, architecture="transcoder", hook_name_out="blocks.1.hook_mlp_out"),
+        _sae(lm, "blocks.2.hook_resid_post", seed=1),
+    ]
+    tokens = _tokens(lm)[:1]
+    embed = lm.model.get_input_embeddings()(tokens).detach()
+
+    def gradient() -> torch.Tensor:
+        x = embed.clone().requires_grad_(True)
+        lm.model(inputs_embeds=x, use_cache=False).logits[0, -1].log_softmax(-1)[7].backward()
+        return x.grad
+
+    clean = gradient()
+    with spliced(lm, saes, SpliceOptions()):
+        spliced_grad = gradient()
+    torch.testing.assert_close(spliced_grad, clean, atol=1e-5, rtol=1e-4)
+    assert clean.abs().max() > 1e-3
+
+
 def test_a_detached_error_cuts_the_path_through_it(tiny_llama):
     """Downstream SAE with a zero encoder: its reconstruction is the constant b_dec, so everything downstream runs
     through its error. Detached, no gradient reaches the upstream features; attached, it does."""
