@@ -1,16 +1,17 @@
 """What saelab already knows about a circuit's feature nodes, read from their SAE's folder: mechanism tags with
 their component evidence, top sources (heads named with their types), max-activating examples, and an explanation
-when one exists (features/explanations.json). Each part is optional: a run never inspected just has none."""
+when one exists (`sae explain`, features/explanations.jsonl). Each part is optional: a run never inspected
+just has none."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from activations.errors import UserError
 from analysis.dashboard import read_feature_tags
 from analysis.dashboard_sources import read_sources
+from analysis.explanations_store import latest
 from analysis.feature_stats import FeatureStats
 
 EXAMPLES_KEPT, EXAMPLE_LEFT, EXAMPLE_RIGHT = 3, 8, 3  # examples per node, tokens shown before / after
@@ -77,13 +78,7 @@ def load_notes(sae_folder: Path, tokenizer) -> FeatureNotes:
     features = Path(sae_folder) / "features"
     notes = FeatureNotes(tags=read_feature_tags(features), decode=lambda ids: tokenizer.decode(ids))
     notes.sources = (read_sources(features) or {}).get("features", {})
-    path = features / "explanations.json"
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            notes.explanations = raw.get("features", raw) if isinstance(raw, dict) else {}
-        except ValueError as e:
-            raise UserError(f"{path} is not valid JSON ({e}); fix or delete it.") from None
+    notes.explanations = {str(f): r for f, r in latest(features).items()}
     try:
         notes.stats = FeatureStats.load(features)
     except UserError:  # never inspected: no examples

@@ -215,6 +215,9 @@ def _index_row(record: dict) -> list:
     label = " ".join(centers[:4]) + (f"  → {' '.join(promoted)}" if promoted else "")
     tags = [t if isinstance(t, str) else str(t.get("name", "")) for t in record["tags"]]
     search = " ".join(centers + [t for t, _ in record["logits"]["promoted"]])
+    explained = (record.get("explanation") or {}).get("text", "")
+    if explained:  # the list shows and searches the explanation first
+        label, search = f"{explained} · {label}", f"{explained} {search}"
     return [record["id"], record["density"], record["max"], record["mean"], label, search, tags]
 
 
@@ -237,12 +240,14 @@ def write_dashboard(
     chunk_size: int = 64,
     catalogue: list[dict] | None = None,
     components: dict | None = None,
+    explanations: dict | None = None,
 ) -> Path:
     """Write the dashboard folder `out` (replacing its data/) and return the path of index.html.
 
     `plots` are (title, path relative to `out`) pairs shown on the overview page; `catalogue` is the
     mechanisms page (analysis.catalogue.dashboard_catalogue) and `components` the components page (heads and
-    neurons with the features they feed, analysis.dashboard_sources.components_page), each shown when given.
+    neurons with the features they feed, analysis.dashboard_sources.components_page) and `explanations` the score
+    distributions (analysis.dashboard_explanations), each shown when given.
     """
     out = Path(out)
     data = out / "data"
@@ -271,6 +276,7 @@ def write_dashboard(
         "features": rows,
         "catalogue": catalogue or [],
         "components": components,
+        "explanations": explanations,
     }
     (data / "index.js").write_text(_js("index", meta), encoding="utf-8")
     template = resources.files("analysis").joinpath("dashboard_template.html").read_text(encoding="utf-8")

@@ -20,7 +20,9 @@ from analysis.component_evidence import add_component_evidence
 from analysis.component_types import ComponentTypes
 from analysis.components import features_sources_for_run
 from analysis.dashboard import read_feature_tags, write_dashboard
+from analysis.dashboard_explanations import explanations_annotator, explanations_overview
 from analysis.dashboard_sources import components_page, read_sources, sources_annotator
+from analysis.explanations_store import latest
 from analysis.feature_stats import FeatureStats, StatsConfig, feature_stats
 from analysis.heads import classify_heads
 from analysis.logits import TopLogits, top_logits
@@ -107,6 +109,7 @@ def inspect_run(
     else:
         sources = read_sources(features_dir, run / "features") if cfg.components else None
         types = component_types(lm) if sources is not None else ComponentTypes()
+    explained = latest(features_dir)
     index = write_dashboard(
         out / "dashboard",
         stats,
@@ -119,8 +122,9 @@ def inspect_run(
         tags=read_feature_tags(features_dir, run / "features"),
         chunk_size=cfg.chunk_size,
         catalogue=catalogue_page(features_dir, run / "features"),
-        annotators=[sources_annotator(sources)] if sources is not None else [],
+        annotators=([sources_annotator(sources)] if sources is not None else []) + [explanations_annotator(explained)],
         components=components_page(types, sources, lm.name),
+        explanations=explanations_overview(explained),
     )
     print(
         f"inspected {stats.d_sae} features over {stats.tokens} held-out tokens in {time.time() - started:.0f} s "
