@@ -88,6 +88,7 @@ def add_negatives(
     pool = _candidate_windows(stats)
     rng = random.Random(seed)
     hook = getattr(sae.cfg, "hook_name_out", "") or sae.cfg.hook_name
+    decode = token_decoder(lm)
     for item in items:
         hard = torch.zeros(len(pool), dtype=torch.bool)
         for token in item.top_token_ids:
@@ -111,14 +112,14 @@ def add_negatives(
         quiet = (act.amax(-1) <= 0).tolist()
         chosen_hard = [i for i in range(n_hard) if quiet[i]][: per_feature // 2]
         chosen_easy = [i for i in range(n_hard, len(rows)) if quiet[i]][: per_feature - len(chosen_hard)]
-        decode = _decoder(lm)
         item.negatives = [
             Example(tokens=[decode(t) for t in batch[i, 1:].tolist()], acts=[0.0] * (batch.shape[1] - 1))
             for i in chosen_hard + chosen_easy
         ]
 
 
-def _decoder(lm: LoadedModel):
+def token_decoder(lm: LoadedModel):
+    """Token id -> its text, each id decoded once."""
     cache: dict[int, str] = {}
 
     def decode(token: int) -> str:

@@ -17,7 +17,7 @@ from activations.config import SAEModelConfig
 from activations.errors import UserError
 from activations.options import check_fields, option
 from analysis.dashboard import read_feature_tags
-from analysis.explain_examples import FeatureExamples, add_negatives, feature_examples
+from analysis.explain_examples import FeatureExamples, add_negatives, feature_examples, token_decoder
 from analysis.explain_judge import LLMJudge
 from analysis.explain_prompts import PROMPT_VERSION, clean_explanation, explainer_messages
 from analysis.explain_scoring import score_with_baselines, summarise, trivial_explanation
@@ -140,7 +140,7 @@ def run(cfg: Config) -> Path:
     todo = [f for f in todo if (f, explainer.name, scorer.name, PROMPT_VERSION) not in finished]
     _plan(cfg, todo, explainer, scorer)
     judge = LLMJudge(scorer)
-    decode = _decoder(lm)
+    decode = token_decoder(lm)
     started = time.time()
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="explain", unit="batch", disable=not todo):
         batch = [feature_examples(stats, f, decode) for f in todo[start : start + cfg.batch_size]]
@@ -169,17 +169,6 @@ def spread(items: list, n: int) -> list:
     if len(items) <= n:
         return items
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
-
-
-def _decoder(lm):
-    cache: dict[int, str] = {}
-
-    def decode(token: int) -> str:
-        if token not in cache:
-            cache[token] = lm.tokenizer.decode([token])
-        return cache[token]
-
-    return decode
 
 
 def _promoted(logits: TopLogits | None, feature: int, decode) -> list[str]:
