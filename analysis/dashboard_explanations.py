@@ -9,13 +9,14 @@ VARIANTS = ("explanation", "shuffled", "tokens")  # the explanation, another fea
 
 
 def _scores(scores: dict) -> dict:
-    """{variant: {"detection": auroc, "fuzzing": balanced accuracy}} of one record's scores."""
+    """{variant: {"detection": auroc, "fuzzing": auroc}} of one record's scores (AUROC needs no threshold, so it
+    stays meaningful for a judge whose P(Yes) never crosses one half)."""
     out = {}
     for variant in VARIANTS:
         s = scores.get(variant) or {}
         out[variant] = {
             "detection": (s.get("detection") or {}).get("auroc"),
-            "fuzzing": (s.get("fuzzing") or {}).get("balanced_accuracy"),
+            "fuzzing": (s.get("fuzzing") or {}).get("auroc"),
         }
     return out
 
