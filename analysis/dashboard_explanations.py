@@ -1,5 +1,6 @@
 """Explanations on the dashboard (`sae explain`, features/explanations.jsonl): each feature record gets its newest
-explanation with its detection and fuzzing scores next to both baselines, and the overview the distributions."""
+explanation with its detection, fuzzing and simulation scores next to both baselines, and the overview the
+distributions."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ VARIANTS = ("explanation", "shuffled", "tokens")  # the explanation, another fea
 
 
 def _scores(scores: dict) -> dict:
-    """{variant: {"detection": auroc, "fuzzing": auroc}} of one record's scores (AUROC needs no threshold, so it
-    stays meaningful for a judge whose P(Yes) never crosses one half)."""
+    """{variant: {"detection": auroc, "fuzzing": auroc, "simulation": pearson}} of one record's scores (AUROC needs
+    no threshold, so it stays meaningful for a judge whose P(Yes) never crosses one half)."""
     out = {}
     for variant in VARIANTS:
         s = scores.get(variant) or {}
         out[variant] = {
             "detection": (s.get("detection") or {}).get("auroc"),
             "fuzzing": (s.get("fuzzing") or {}).get("auroc"),
+            "simulation": (s.get("simulation") or {}).get("pearson"),
         }
     return out
 
@@ -43,7 +45,7 @@ def explanations_overview(records: dict[int, dict]) -> dict | None:
     """Per variant and score, the sorted per-feature values (the overview draws them as distributions)."""
     if not records:
         return None
-    out: dict[str, dict[str, list[float]]] = {v: {"detection": [], "fuzzing": []} for v in VARIANTS}
+    out: dict[str, dict[str, list[float]]] = {v: {"detection": [], "fuzzing": [], "simulation": []} for v in VARIANTS}
     for r in records.values():
         for variant, s in _scores(r.get("scores") or {}).items():
             for name, value in s.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.explain_prompts import detect_messages, fuzz_messages
+from analysis.explain_prompts import DIGITS, SIMULATE_FILL, detect_messages, fuzz_messages, simulate_messages
 from analysis.explain_scoring import Example
 from analysis.llm_backends import Backend
 
@@ -18,11 +18,13 @@ def _yes(logprobs: list[list[float]]) -> list[float]:
 
 
 class LLMJudge:
-    """Answers the scorers' questions with a chat backend (simulation needs per-token log-probs: not asked)."""
+    """Answers the scorers' questions with a chat backend; simulation runs where the backend reads log-probs of a
+    written reply (the local one) and is off with `simulate=False`."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, simulate: bool = True):
         self.backend = backend
         self.name = backend.name
+        self.simulates = simulate
 
     def detect(self, explanation: str, examples: list[Example]) -> list[float]:
         conversations = [detect_messages(explanation, e) for e in examples]
@@ -33,4 +35,12 @@ class LLMJudge:
         return _yes(self.backend.choice_logprobs(conversations, CHOICES)) if conversations else []
 
     def simulate(self, explanation: str, examples: list[Example]) -> list[list[float]] | None:
-        return None
+        """Per token, the expected digit 0-9 under the scorer's distribution in the token's slot; None when the
+        backend cannot read slots or simulation is off."""
+        if not self.simulates or not examples:
+            return None
+        asked = [simulate_messages(explanation, e) for e in examples]
+        slots = self.backend.slot_logprobs([m for m, _ in asked], [s for _, s in asked], SIMULATE_FILL, DIGITS)
+        if slots is None:
+            return None
+        return [[sum(math.exp(lp) * d for d, lp in enumerate(slot)) for slot in row] for row in slots]

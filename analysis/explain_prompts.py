@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from analysis.explain_scoring import Example
 
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3  # 3: simulation added
 MARK_SHARE = 0.3
 MAX_WORDS = 16  # an explanation is cut to this many words: a phrase, not an essay
 EXPLAIN_SYSTEM = (
@@ -23,6 +23,12 @@ FUZZ_SYSTEM = (
     "A feature of a language model is described by an explanation. In the text some tokens are marked <<like "
     "this>>. Decide whether the marked tokens are exactly the ones the explanation is about. Answer Yes or No."
 )
+SIMULATE_SYSTEM = (
+    "A feature of a language model is described by an explanation. For each token of the text, one per line, "
+    "write how strongly the feature fires on it, from 0 (not at all) to 9 (as strongly as it ever does)."
+)
+SIMULATE_FILL = "unknown\n"  # the placeholder written after each token; its slot's digit distribution is read
+DIGITS = [str(d) for d in range(10)]
 
 
 def _text(tokens: list[str], marks: list[bool]) -> str:
@@ -71,3 +77,12 @@ def clean_explanation(reply: str) -> str:
         line = line[len("explanation:") :].strip()
     words = line.strip("\"' ").split()
     return " ".join(words[:MAX_WORDS]).rstrip(".,;:") or "(no explanation)"
+
+
+def simulate_messages(explanation: str, example: Example) -> tuple[list[dict[str, str]], list[str]]:
+    """Simulation (Bills et al. 2023, all at once): the conversation, and the reply's segments ("token<TAB>"), each
+    followed by SIMULATE_FILL; the activation predicted for a token is the expected digit in its slot."""
+    text = _text(example.tokens, [False] * len(example.tokens))
+    user = f"Explanation: {explanation}\n\nText: {text}\n\nEach token and its activation (0-9):"
+    segments = [token.replace("\n", "↵") + "\t" for token in example.tokens]
+    return [{"role": "system", "content": SIMULATE_SYSTEM}, {"role": "user", "content": user}], segments

@@ -30,7 +30,11 @@ SCORES = {  # summary name -> (scorer, metric) in score_explanation's result
     "fuzzing_auroc": ("fuzzing", "auroc"),
     "simulation_pearson": ("simulation", "pearson"),
 }
-GAINS = {"detection": ("detection", "auroc"), "fuzzing": ("fuzzing", "balanced_accuracy")}  # what a gain compares
+GAINS = {  # what a gain compares
+    "detection": ("detection", "auroc"),
+    "fuzzing": ("fuzzing", "balanced_accuracy"),
+    "simulation": ("simulation", "pearson"),
+}
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Example:
 
     tokens: list[str]
     acts: list[float]
+    partial: bool = False  # a negative cut to the quiet stretch of a window (dense and positional features)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.acts):

@@ -47,6 +47,13 @@ class Backend(Protocol):
         """Tokens in `text`, for the cost estimate printed before a run."""
         ...
 
+    def slot_logprobs(
+        self, conversations: list[list[Message]], replies: list[list[str]], fill: str, choices: list[str]
+    ) -> list[list[list[float]]] | None:
+        """For each conversation, with the assistant's reply written out as segment + fill + segment + fill ...,
+        log P(choice) among `choices` (single tokens) in place of each fill; None when the backend cannot."""
+        ...
+
 
 class LocalBackend:
     """A Hugging Face causal LM run here, batched with left padding.
@@ -179,11 +186,66 @@ class LocalBackend:
             result.append(row)
         return result
 
+    @torch.no_grad()
+    def slot_logprobs(
+        self, conversations: list[list[Message]], replies: list[list[str]], fill: str, choices: list[str]
+    ) -> list[list[list[float]]]:
+        """Bills et al.'s "all at once" read-out: one forward per conversation over the prompt and the reply
+        written out with `fill` as a placeholder after each segment; at each placeholder, the log-softmax over the
+        choices' logits only (the unembedding runs for those few tokens, not the whole vocabulary)."""
+        tok = self.lm.tokenizer
+        choice_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+        if any(len(ids) != 1 for ids in choice_ids):
+            raise UserError(f"slot choices {choices!r} must each be one token of {self.lm.name}.")
+        fill_ids = tok(fill, add_special_tokens=False)["input_ids"]
+        seqs, slots = [], []
+        for conversation, segments in zip(conversations, replies):
+            ids = self.prompt_ids(conversation)
+            where = []
+            for segment in segments:
+                ids = ids + tok(segment, add_special_tokens=False)["input_ids"]
+                where.append(len(ids) - 1)  # the position whose next-token distribution is the slot's
+                ids = ids + fill_ids
+            seqs.append(ids)
+            slots.append(where)
+        head = self.lm.model.get_output_embeddings()
+        rows = torch.tensor([c[0] for c in choice_ids], device=head.weight.device)
+        weight = head.weight[rows]
+        bias = head.bias[rows] if getattr(head, "bias", None) is not None else None
+        result: list[list[list[float]]] = [[] for _ in seqs]
+        with self._lock:
+            for batch in self._batches(seqs):
+                ids, mask = self._left_pad([seqs[i] for i in batch])
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                keep = {"logits_to_keep": 1} if self._keeps_logits else {}  # the vocabulary at the last position only
+                out = self.lm.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    output_hidden_states=True,
+                    use_cache=False,
+                    **keep,
+                )
+                final = out.hidden_states[-1]  # after the final norm in HF causal LMs; checked against the logits
+                check = torch.nn.functional.linear(final[:, -1], weight, bias)
+                if not torch.allclose(check.float(), out.logits[:, -1, rows].float(), atol=1e-3, rtol=1e-3):
+                    raise RuntimeError(f"{self.lm.name}: the last hidden state is not what its unembedding reads")
+                for row, i in enumerate(batch):
+                    offset = ids.shape[1] - len(seqs[i])
+                    picked = final[row, [offset + p for p in slots[i]]]
+                    logits = torch.nn.functional.linear(picked, weight, bias).float()
+                    result[i] = logits.log_softmax(-1).cpu().tolist()
+        return result
+
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits at the last `keep` positions; models whose forward lacks `logits_to_keep` compute all of them."""
         if self._keeps_logits:
-            return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-        return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
+            return self.lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
+            ).logits
+        return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[
+            :, -keep:
+        ]
 
 
 class HTTPBackend:
@@ -221,6 +283,12 @@ class HTTPBackend:
     def count_tokens(self, text: str) -> int:
         """Roughly four characters a token (the server's tokenizer is unknown here)."""
         return math.ceil(len(text) / 4)
+
+    def slot_logprobs(
+        self, conversations: list[list[Message]], replies: list[list[str]], fill: str, choices: list[str]
+    ) -> None:
+        """Chat endpoints give log-probs of generated tokens only, not of a reply we write: simulation is skipped."""
+        return None
 
     def chat(self, conversations: list[list[Message]], max_tokens: int = 64) -> list[str]:
         """Greedy replies, one request per conversation, `concurrency` at a time."""

@@ -212,7 +212,7 @@ def test_gains_over_baselines(feature_the):
     assert top == ["the"]
     scores = score_with_baselines(judge, 'the token "the"', feature_the, 'the token "of"', top)
     assert scores["tokens"] == scores["explanation"]  # one-token feature: the top-token baseline is the explanation
-    assert scores["gain"]["over_tokens"] == {"detection": 0.0, "fuzzing": 0.0}
+    assert scores["gain"]["over_tokens"] == {"detection": 0.0, "fuzzing": 0.0, "simulation": 0.0}
     gain = scores["gain"]["over_shuffled"]
     assert gain["detection"] == pytest.approx(
         scores["explanation"]["detection"]["auroc"] - scores["shuffled"]["detection"]["auroc"]

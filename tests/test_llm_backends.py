@@ -277,3 +277,30 @@ def test_local_choice_logprobs_keep_absolute_positions_under_padding(tiny_gpt2):
     alone = [backend.choice_logprobs([c], CHOICES)[0] for c in conversations]
     assert [v for row in batched for v in row] == pytest.approx([v for row in alone for v in row], abs=1e-4)
     assert backend.chat(conversations, max_tokens=4) == [backend.chat([c], max_tokens=4)[0] for c in conversations]
+
+
+def test_local_slot_logprobs_match_a_plain_forward(local, tiny_gpt2):
+    """Simulation's read-out: the digit distribution at each placeholder equals the log-softmax over those digits
+    of one unpadded forward's full logits, for a short and a long reply batched together, on SmolLM2 (tied
+    embeddings, RoPE) and on GPT-2 (absolute positions)."""
+    digits = [str(d) for d in range(10)]
+    conversations = [CONVERSATIONS[0], CONVERSATIONS[3]]
+    replies = [["The\t", " cat\t"], ["One\t", " two\t", " three\t", "\n\t"]]
+    for backend in (local, LocalBackend.from_loaded(tiny_gpt2, batch_size=4)):
+        got = backend.slot_logprobs(conversations, replies, "unknown\n", digits)
+        tok = backend.lm.tokenizer
+        digit_ids = [tok(d, add_special_tokens=False)["input_ids"][0] for d in digits]
+        for k, segments in enumerate(replies):
+            ids = backend.prompt_ids(conversations[k])
+            slots = []
+            for segment in segments:
+                ids = ids + tok(segment, add_special_tokens=False)["input_ids"]
+                slots.append(len(ids) - 1)
+                ids = ids + tok("unknown\n", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = backend.lm.model(torch.tensor([ids])).logits[0].float()
+            expected = logits[slots][:, digit_ids].log_softmax(-1)
+            assert torch.tensor(got[k]) == pytest.approx(expected, abs=2e-3)
+    with pytest.raises(UserError, match="one token"):
+        local.slot_logprobs(conversations, replies, "?", ["10", " maybe not"])
+    assert HTTPBackend("http://127.0.0.1:9/v1", "m").slot_logprobs(conversations, replies, "?", digits) is None

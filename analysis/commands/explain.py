@@ -19,7 +19,15 @@ from activations.options import check_fields, option
 from analysis.dashboard import read_feature_tags
 from analysis.explain_examples import FeatureExamples, add_negatives, feature_examples, token_decoder
 from analysis.explain_judge import LLMJudge
-from analysis.explain_prompts import PROMPT_VERSION, clean_explanation, explainer_messages
+from analysis.explain_prompts import (
+    DETECT_SYSTEM,
+    EXPLAIN_SYSTEM,
+    FUZZ_SYSTEM,
+    MAX_WORDS,
+    PROMPT_VERSION,
+    clean_explanation,
+    explainer_messages,
+)
 from analysis.explain_scoring import score_with_baselines, summarise, trivial_explanation
 from analysis.explanations_store import FILE, append, done, read_records
 from analysis.feature_stats import FeatureStats
@@ -52,6 +60,7 @@ class Config:
     examples: int = option(12, "held-out activating examples scored per feature (spread over its range)", low=2)
     negatives: int = option(12, "non-activating examples scored per feature (half hard: holding its top tokens)", low=2)
     seed: int = option(0, "seed of the shuffled baseline, the fuzzing marks and the negatives")
+    no_simulation: bool = option(False, "skip simulation (per-token predicted activations; local scorers only)")
     model: SAEModelConfig = field(default_factory=SAEModelConfig, metadata=dict(help="model"))
 
     def __post_init__(self) -> None:
@@ -93,13 +102,22 @@ def select_features(spec: str, stats: FeatureStats, tags: dict[int, list], seed:
     raise UserError(f"--features {spec!r} is not understood; give {SPEC_HELP}.")
 
 
-def _plan(cfg: Config, todo: list[int], explainer, scorer) -> None:
+def _plan(cfg: Config, todo: list[int], explainer, scorer, window: int) -> None:
     """What the run will do, printed before it starts: features, calls, and (over HTTP) tokens."""
-    per_feature = 1 + 3 * 2 * (cfg.examples + cfg.negatives)  # explain, then detect and fuzz for 3 explanations
-    calls = len(todo) * per_feature
-    line = f"{len(todo)} features to explain with {explainer.name}, scored by {scorer.name}: about {calls} model calls"
+    simulates = not cfg.no_simulation and isinstance(scorer, LocalBackend)
+    questions = 3 * (2 + simulates) * (cfg.examples + cfg.negatives)  # detect, fuzz (and simulate) × 3 explanations
+    line = (
+        f"{len(todo)} features to explain with {explainer.name}, scored by {scorer.name}: "
+        f"about {len(todo) * (1 + questions):,} model calls"
+    )
     if cfg.api_base:
-        line += f", about {len(todo) * per_feature * 180:,} tokens over HTTP"
+        text = 2 * window  # a window's tokens in the prompt, and about as many for its markup and spaces
+        explain = explainer.count_tokens(EXPLAIN_SYSTEM) + 2 * cfg.examples * text + 32
+        judge = scorer.count_tokens(DETECT_SYSTEM + FUZZ_SYSTEM) // 2 + text + 2 * MAX_WORDS + 8
+        line += f", about {len(todo) * (explain + questions * judge):,} tokens over HTTP"
+    if not simulates:
+        why = "--no-simulation" if cfg.no_simulation else "a server gives no log-probs of a reply it did not write"
+        line += f"; simulation skipped ({why})"
     print(line)
     if isinstance(explainer, LocalBackend) and explainer.name.endswith("smollm2-135m"):
         print(
@@ -138,8 +156,8 @@ def run(cfg: Config) -> Path:
     )
     finished = done(features_dir)
     todo = [f for f in todo if (f, explainer.name, scorer.name, PROMPT_VERSION) not in finished]
-    _plan(cfg, todo, explainer, scorer)
-    judge = LLMJudge(scorer)
+    _plan(cfg, todo, explainer, scorer, stats.cfg.left + stats.cfg.right)
+    judge = LLMJudge(scorer, simulate=not cfg.no_simulation)
     decode = token_decoder(lm)
     started = time.time()
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="explain", unit="batch", disable=not todo):
@@ -196,6 +214,8 @@ def _record(item: FeatureExamples, text: str, shuffled: str, scores: dict, expla
             "shown": len(item.shown),
             "activating": len(item.activating),
             "negatives": len(item.negatives or []),
+            "partial_negatives": sum(e.partial for e in item.negatives or []),
+            "scored": [{"tokens": e.tokens, "acts": e.acts} for e in item.scoring],
         },
         "seconds": round(seconds, 2),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
