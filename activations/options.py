@@ -106,8 +106,10 @@ class _Extend(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         items = list(getattr(namespace, self.dest, None) or [])
-        items += [v.strip() for v in str(values).split(",") if v.strip()]
-        setattr(namespace, self.dest, items)
+        for value in values if isinstance(values, list) else [values]:
+            items += [v.strip() for v in str(value).split(",") if v.strip()]
+        if items or not isinstance(values, list):  # a positional list given nothing stays unset (build names it)
+            setattr(namespace, self.dest, items)
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, group: Any = None, seen: set | None = None) -> None:
@@ -138,7 +140,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, group: Any = None, s
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]
         if f.metadata.get("positional"):
-            kwargs["nargs"] = "?"  # a missing one is named by build(), like any required field
+            # a missing one is named by build(), like any required field; a list takes every word (RUN RUN ...)
+            kwargs["nargs"] = "*" if typing.get_origin(base) is list else "?"
         else:
             kwargs["dest"] = f.name
         if base is bool:

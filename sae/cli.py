@@ -28,7 +28,22 @@ from activations.options import add_options, build, explicit_values, flatten, re
 
 ENTRY_POINTS = "saelab.commands"
 # as `sae --help` lists them
-ORDER = ("train", "eval", "inspect", "steer", "cache", "export", "catalogue", "heads", "neurons", "circuit", "explain")
+ORDER = (
+    "train",
+    "eval",
+    "bench",
+    "compare",
+    "sweep",
+    "inspect",
+    "steer",
+    "cache",
+    "export",
+    "catalogue",
+    "heads",
+    "neurons",
+    "circuit",
+    "explain",
+)
 
 
 class Parser(argparse.ArgumentParser):

@@ -24,6 +24,9 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     for cls in (TopKSAE, ReLUSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE, MatryoshkaSAE, TranscoderSAE)
 }
 
+# The sparsity coefficient (an SAEConfig field) each penalty-trained architecture reads; the others are set by k.
+COEFFICIENT_OF = {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}
+
 
 def get_architecture(name: str) -> type[SAE]:
     """The SAE class for an architecture name, or a UserError listing the known names."""
