@@ -17,6 +17,7 @@ from activations.options import check_fields, option
 from activations.sources import open_text_source
 from analysis.absorption import AbsorptionConfig, absorption
 from analysis.bench_core import core_metrics
+from analysis.compare import expand_runs
 from analysis.evaluate import EvalConfig
 from analysis.sparse_probing import ProbingConfig, sparse_probing
 from sae.runs import open_sae, sae_folders
@@ -37,7 +38,10 @@ BENCH_VERSION = 1
 class Config:
     """Which runs, which parts, and each part's settings."""
 
-    runs: list[str] = option(help="run folders (space- or comma-separated), or SAE folders", positional=True)
+    runs: list[str] = option(
+        help="run folders (space- or comma-separated), SAE folders, or a folder of runs (sae sweep's --out)",
+        positional=True,
+    )
     parts: list[str] = option(default_factory=lambda: list(PARTS), help=f"parts to run, of {', '.join(PARTS)}")
     model: SAEModelConfig = field(default_factory=SAEModelConfig, metadata=dict(help="model"))
     text: HeldOutText = field(default_factory=HeldOutText, metadata=dict(help="held-out text (core metrics)"))
@@ -54,7 +58,7 @@ class Config:
 
 def _folders(runs: list[str]) -> list[Path]:
     """Every SAE folder of the runs, each checked writable before any model loads."""
-    folders = [folder for run in runs for folder in sae_folders(run).values()]
+    folders = [folder for run in expand_runs(runs) for folder in sae_folders(run).values()]
     for folder in folders:
         check_writable(folder, "RUN")
     return folders
@@ -110,7 +114,7 @@ def table(results: dict[str, dict]) -> str:
     head = ["SAE", "L0", "FVU", "ce_loss_score", "kl_div_score", "absorption", "split", "probe top-1", "probe LLM"]
     lines = [" | ".join(head)]
     for name, r in results.items():
-        core, ab, pr = r.get("core") or {}, r.get("absorption") or {}, r.get("sparse_probing") or {}
+        core, ab, pr = r.get("core") or r.get("eval") or {}, r.get("absorption") or {}, r.get("sparse_probing") or {}
         lines.append(
             " | ".join(
                 [
@@ -146,6 +150,9 @@ def run(cfg: Config) -> dict[str, dict]:
         if name not in models:
             models[name] = open_sae(folder, model=cfg.model.model, device=cfg.model.device)[1]
         results[str(folder)] = bench_folder(folder, models[name], cfg)
+        if "core" not in results[str(folder)]:  # the table shows what sae eval measured, where bench did not
+            seen = _read(folder / "eval.json")
+            results[str(folder)] = {**results[str(folder)], "eval": {**seen, "ce_loss_score": seen.get("ce_recovered")}}
         print(f"bench → {folder / FILE}", flush=True)
     print(table(results))
     return results
