@@ -204,6 +204,10 @@ class SAE(nn.Module):
         such as the sparsity coefficient warm-up (see warmed_up)."""
         self.progress = float(fraction)
 
+    def resume_at(self, step: int) -> None:
+        """Called by the trainer after it loads a checkpoint taken after `step` steps, for training state the weights
+        do not hold (BatchTopK's count of threshold updates); nothing for most architectures."""
+
     def warmed_up(self, coefficient: float) -> float:
         """coefficient scaled linearly from 0 to 1 over the first cfg.sparsity_warmup_fraction of training."""
         warmup = self.cfg.sparsity_warmup_fraction

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from activations.errors import UserError
 from sae.base import SAE, ForwardPass, fvu
+from sae.batchtopk import THRESHOLD_AVERAGE_C
 from sae.cli import main
 from sae.config import SAEConfig
 from sae.io import load_sae, save_sae
@@ -204,7 +205,8 @@ def test_batchtopk_trains_on_the_batch_and_infers_with_its_threshold():
     torch.testing.assert_close(sae.threshold, smallest.expand(D_SAE))  # the first batch sets the threshold
 
     code2 = sae.train_code(sae.encode_pre(Planted(seed=1).batch()))
-    ema = 0.99 * smallest + 0.01 * code2.acts[code2.acts > 0].min()
+    rate = (THRESHOLD_AVERAGE_C + 1) / (THRESHOLD_AVERAGE_C + 2)  # the second batch's weight
+    ema = (1 - rate) * smallest + rate * code2.acts[code2.acts > 0].min()
     torch.testing.assert_close(sae.threshold, ema.expand(D_SAE))
 
     with torch.no_grad():  # inference: per token, JumpReLU at the threshold, independent of the batch

@@ -18,7 +18,7 @@ from sae.config import SAEConfig
 from sae.io import load_sae, save_sae
 from sae.kernels import sparse_decode
 from sae.registry import ARCHITECTURES, make_sae
-from sae.topk import TopKSAE
+from sae.topk import ENCODER_INIT_SCALE, TopKSAE
 from training.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_init_is_tied_with_unit_decoder_rows_and_seeded():
     torch.manual_seed(3)
     b = make_sae(SAEConfig(d_in=8, d_sae=32, k=2))
     torch.testing.assert_close(a.W_dec.norm(dim=1), torch.ones(32))
-    assert torch.equal(a.W_enc, a.W_dec.T)
+    assert torch.equal(a.W_enc, a.W_dec.T * ENCODER_INIT_SCALE)  # tied, the encoder scaled (sae/topk.py)
     assert a.W_enc.data_ptr() != a.W_dec.data_ptr()  # a clone, not the same storage
     assert torch.equal(a.W_dec, b.W_dec) and not torch.equal(a.W_dec, make_sae(a.cfg).W_dec)
     assert not a.b_enc.any() and not a.b_dec.any()
@@ -70,7 +70,7 @@ def test_init_is_tied_with_unit_decoder_rows_and_seeded():
 def test_topk_keeps_exactly_the_top_k_of_relu_pre():
     sae = small_sae(d_in=16, d_sae=64, k=5)
     with torch.no_grad():  # push most latents negative so some tokens have fewer than k positives
-        sae.b_enc[:60] = -3.0
+        sae.b_enc[:60] = -3.0 * ENCODER_INIT_SCALE  # 3 below the encoder's scale of x . W_dec[i]
     x = torch.randn(200, 16)
     pre = sae.encode_pre(x)
     f = sae.encode(x)

@@ -45,7 +45,7 @@ def test_train_step_on_a_planted_dictionary_lowers_the_loss():
         since_fired[result.out.fired] = 0
         losses.append(float(result.loss))
     assert isinstance(result, StepResult) and result.grad_norm is not None and result.lr is None
-    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    assert sum(losses[-10:]) / 10 < 0.2  # FVU of the last steps: the planted dictionary is learned (1.0 = the mean)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))  # renormalised after every step
 
 

@@ -109,6 +109,7 @@ class Trainer:
         """Restore a checkpoint's trainer state (the SAE's weights are loaded separately) and, with
         `restore_data`, put the store back where the checkpoint left it (older checkpoints: by position only)."""
         self.step, self.tokens = state["step"], state["tokens"]
+        self.sae.resume_at(self.step)
         self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.sae))
         for group in self.optimizer.param_groups:  # a resumed run may be given a new --lr
             group["initial_lr"] = self.lr
