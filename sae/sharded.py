@@ -23,7 +23,7 @@ from sae.config import SAEConfig
 from sae.io import WEIGHTS_FILENAME, read_cfg, save_sae
 from sae.kernels import sparse_decode
 from sae.registry import make_sae
-from sae.topk import TopKSAE, auxk_loss
+from sae.topk import ENCODER_INIT_SCALE, TopKSAE, auxk_loss
 
 # Which dimension of each parameter is split by latents (b_dec, absent here, is replicated).
 SHARD_DIM = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
@@ -101,7 +101,7 @@ class ShardedTopKSAE(SAE):
         dtype = cfg.torch_dtype
         W_dec = torch.randn(self.hi - self.lo, cfg.d_in, device=device, dtype=torch.float32)
         W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        self.W_enc = nn.Parameter((W_dec.T * ENCODER_INIT_SCALE).contiguous())  # as TopKSAE's init
         self.W_dec = nn.Parameter(W_dec)
         self.b_enc = nn.Parameter(torch.zeros(self.hi - self.lo, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _sae(lm, hook, seed=0):
     torch.manual_seed(seed)
-    return make_sae(SAEConfig(d_in=lm.d_model, d_sae=40, k=5, hook_name=hook, model_name=lm.name, norm_scale=2.0))
+    sae = make_sae(SAEConfig(d_in=lm.d_model, d_sae=40, k=5, hook_name=hook, model_name=lm.name, norm_scale=2.0))
+    with torch.no_grad():  # the plain tied encoder these tests' magnitudes were sized for (not TopK's scaled init)
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.dashboard import feature_record, write_dashboard
+from analysis.dashboard import feature_record, read_feature_tags, write_dashboard
 from analysis.feature_stats import FeatureStats
 from analysis.logits import TopLogits
 from sae.cli import main
@@ -101,7 +101,8 @@ def test_records_hold_the_statistics(inspected):
     n, records = _load_js(run / "dashboard" / "data" / f"features_{f // 16:05d}.js", "chunk")
     assert n == f // 16
     r = records[f % 16]
-    assert r["id"] == f and r["count"] == int(stats.count[f]) and r["tags"] == []
+    assert r["id"] == f and r["count"] == int(stats.count[f])
+    assert r["tags"] == read_feature_tags(run / "features").get(f, [])  # the catalogue's tags, nothing else
     assert r["max"] == pytest.approx(float(stats.max[f]), rel=1e-3)
     assert sum(r["hist"]["counts"]) == r["count"]
     assert [ex["act"] for ex in r["top"]] == pytest.approx(stats.top_act[f].tolist(), rel=1e-3)

@@ -142,7 +142,7 @@ def test_two_process_training_equals_one_process(tmp_path_factory, mode):
         for key in ("loss", "fvu", "l0", "auxk", "dead_fraction"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert any(m["auxk"] > 0 for m in two), "no latent died: the AuxK / fired-OR path was not exercised"
-    assert two[-1]["fvu"] < 0.75 * two[0]["fvu"]  # and it learns
+    assert two[-1]["fvu"] < 0.9 * two[0]["fvu"]  # and it learns (from a lower start since the scaled encoder init)
     one_opt = torch.load(tmp / "one" / "checkpoint" / "trainer_state.pt", weights_only=False)["optimizer"]
     two_opt = torch.load(tmp / mode / "checkpoint" / "trainer_state.pt", weights_only=False)["optimizer"]
     for index, moments in one_opt["state"].items():
