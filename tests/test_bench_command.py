@@ -92,11 +92,14 @@ def test_compare_reads_both(runs, tmp_path, capsys):
         (["--parts", "speed"], "--parts"),
         (["--probe-ks", "0"], "probe"),
         (["--absorption-words", "3"], "absorption"),
+        (["--probe-ks", "1,500"], "more than the 96 latents"),  # before the model loads or core runs
     ],
 )
 def test_bench_option_errors_are_one_line(runs, argv, phrase, capsys):
     run, _ = runs
+    before = (run / FILE).read_text() if (run / FILE).is_file() else None
     _one_line_error(main(["bench", str(run), *argv, "--device", "cpu"]), capsys.readouterr().err, phrase)
+    assert ((run / FILE).read_text() if (run / FILE).is_file() else None) == before  # nothing ran, nothing lost
 
 
 def test_bench_missing_run_is_one_line(tmp_path, capsys):

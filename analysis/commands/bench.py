@@ -64,6 +64,18 @@ def _folders(runs: list[str]) -> list[Path]:
     return folders
 
 
+def _check_sizes(folders: list[Path], cfg: Config) -> None:
+    """What each SAE's cfg.json can refute before any model loads: more probe latents than the SAE has."""
+    if "probing" not in cfg.parts:
+        return
+    for folder in folders:
+        d_sae = _read(folder / "cfg.json").get("d_sae")
+        if isinstance(d_sae, int) and max(cfg.probing.probe_ks) > d_sae:
+            raise UserError(
+                f"--probe-ks {max(cfg.probing.probe_ks)} is more than the {d_sae} latents of {folder}; use fewer."
+            )
+
+
 def _read(path: Path) -> dict:
     """The bench.json already there (its finished parts are kept), or {} for none or an unreadable one."""
     try:
@@ -143,6 +155,7 @@ def _model_name(folder: Path, cfg: Config) -> str:
 def run(cfg: Config) -> dict[str, dict]:
     """Bench every SAE folder of the runs, one model load per model; returns {folder: bench.json's content}."""
     folders = _folders(cfg.runs)
+    _check_sizes(folders, cfg)
     models: dict[str, LoadedModel] = {}
     results: dict[str, dict] = {}
     for folder in folders:
