@@ -1,8 +1,8 @@
 """Feature absorption on first letters (Chanin et al. 2024, "A is for Absorption"; SAEBench's absorption eval).
 
 For each letter L, on single-token words read in a spelling prompt (analysis/absorption_words.py):
-- probe: a one-vs-rest logistic regression on the raw activations says "starts with L"; its test F1 is
-  `probe_f1`, its unit weight vector p the letter's direction (raw activation space).
+- probe: a one-vs-rest logistic regression (balanced classes; analysis/logistic.py) on the raw activations says
+  "starts with L"; its test F1 is `probe_f1`, its unit weight vector p the letter's direction (raw activation space).
 - main latents: k-sparse probing on the SAE's latents. Latents are ranked by a non-negative L1 logistic
   regression on all latents (ties by class mean difference); for k = 1, 2, .. max_k a logistic regression on the
   top k gives a test F1. The top latent is kept (as in SAEBench), unless it fires less on the letter's train
@@ -36,15 +36,27 @@ from activations.errors import UserError
 from activations.hookpoints import parse_hook
 from activations.models import LoadedModel
 from activations.options import check_fields, option
-from analysis.absorption_words import LETTERS, TEMPLATE, prompt_prefix, split_words, train_count, word_activations
+from analysis.absorption_words import (
+    LETTERS,
+    TEMPLATE,
+    Word,
+    WordSplit,
+    prompt_prefix,
+    split_words,
+    train_count,
+    word_activations,
+)
+from analysis.logistic import example_weights, fit_logistic
 from sae.base import SAE
 from sae.runs import check_sae_fits
 
-PROBE_L2 = 1e-5  # L2 penalty of the letter probes, on centred inputs of unit mean squared norm
+# The probes' L2 penalties are stated on centred inputs of unit mean squared norm. fit_logistic scales its inputs
+# to unit mean variance per coordinate instead, i.e. mean squared norm d: sqrt(d) times larger, so the same model
+# has its weights sqrt(d) times smaller and takes the penalty times d (`_l2`).
+PROBE_L2 = 1e-5  # L2 penalty of the letter probes
 K_SPARSE_L2 = 1e-3  # the k-sparse probes' (on a few latents: SAEBench fits them with sklearn's default C = 1)
 RANK_L1 = 0.1  # the ranking regression's L1 penalty, as a fraction of the smallest one that keeps every weight 0
 RANK_STEPS = 300  # proximal-gradient (FISTA) steps of the ranking regression
-LBFGS_STEPS = 200
 
 
 @dataclass
@@ -71,7 +83,12 @@ class AbsorptionConfig:
         train_count(self.absorption_words, self.absorption_train_fraction)
 
 
-# ---- logistic regression -----------------------------------------------------------------------------------
+# ---- probes ------------------------------------------------------------------------------------------------
+
+
+def _l2(penalty: float, x: Tensor) -> float:
+    """fit_logistic's L2 penalty for `penalty` on centred inputs of unit mean squared norm (see PROBE_L2)."""
+    return penalty * x.shape[-1]
 
 
 def f1_scores(pred: Tensor, truth: Tensor) -> Tensor:
@@ -79,51 +96,6 @@ def f1_scores(pred: Tensor, truth: Tensor) -> Tensor:
     tp = (pred & truth).sum(0).double()
     wrong = (pred ^ truth).sum(0).double()
     return torch.where(tp > 0, 2 * tp / (2 * tp + wrong), torch.zeros_like(tp))
-
-
-def _balanced_weights(y: Tensor) -> Tensor:
-    """Per-example loss weights [n, C]: each class of each column sums to 1/2 (as class_weight="balanced")."""
-    y = y.double()
-    n_pos = y.sum(0)
-    if bool(((n_pos == 0) | (n_pos == len(y))).any()):
-        raise ValueError("every column of y needs positive and negative examples")
-    return torch.where(y > 0, 0.5 / n_pos, 0.5 / (len(y) - n_pos))
-
-
-def fit_logistic(x: Tensor, y: Tensor, l2: float = PROBE_L2) -> tuple[Tensor, Tensor]:
-    """One-vs-rest L2 logistic regressions with balanced class weights, by full-batch L-BFGS in float64.
-
-    x: [n, d] shared by the C outputs, or [C, n, d] one input per output; y: boolean [n, C]. Inputs are centred
-    and divided by their RMS norm inside (one scalar per output: directions are unchanged). Returns weight
-    [C, d] and bias [C] in the original input space: logit = x @ weight[c] + bias[c].
-    """
-    x = x.double().clone()  # a copy: `x` may be an inference tensor, which autograd cannot save
-    shared = x.ndim == 2
-    xs = x.unsqueeze(0) if shared else x  # [1 or C, n, d]
-    mean = xs.mean(1, keepdim=True)
-    scale = (xs - mean).pow(2).sum(-1).mean(1).sqrt().clamp_min(1e-12)[:, None, None]  # [1 or C, 1, 1]
-    z = (xs - mean) / scale
-    target, weights = y.double(), _balanced_weights(y)
-    n_out, d = y.shape[1], x.shape[-1]
-    weight = torch.zeros(n_out, d, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_out, dtype=torch.float64, requires_grad=True)
-
-    def logits() -> Tensor:
-        return (z[0] @ weight.T if shared else torch.einsum("cnd,cd->nc", z, weight)) + bias
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits(), target, reduction="none")
-        loss = (weights * bce).sum() + l2 / 2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt = torch.optim.LBFGS([weight, bias], max_iter=LBFGS_STEPS, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
-    with torch.enable_grad():
-        opt.step(closure)
-    w = weight.detach() / scale[:, 0]  # [C, d]
-    b = bias.detach() - (w * mean[:, 0]).sum(-1)
-    return w, b
 
 
 @dataclass
@@ -149,12 +121,18 @@ def one_hot(labels: Tensor, letters: list[int]) -> Tensor:
     return labels[:, None] == torch.tensor(letters, device=labels.device)[None, :]
 
 
-def first_letter_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> LetterProbe:
-    """Fit a probe per letter that has train and test words (labels are indices into LETTERS); score it on test."""
+def probe_letters(y_train: Tensor, y_test: Tensor) -> list[int]:
+    """The letters (indices into LETTERS) that have train and test words; a UserError when none has."""
     letters = [c for c in range(len(LETTERS)) if (y_train == c).any() and (y_test == c).any()]
     if not letters:
         raise UserError("no letter has both train and test words; use more --absorption-words.")
-    weight, bias = fit_logistic(x_train, one_hot(y_train, letters))
+    return letters
+
+
+def first_letter_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> LetterProbe:
+    """Fit a probe per letter that has train and test words (labels are indices into LETTERS); score it on test."""
+    letters = probe_letters(y_train, y_test)
+    weight, bias = fit_logistic(x_train, one_hot(y_train, letters), _l2(PROBE_L2, x_train))
     f1 = f1_scores(x_test.double() @ weight.T + bias > 0, one_hot(y_test, letters))
     return LetterProbe(letters, weight, bias, f1.tolist())
 
@@ -178,7 +156,7 @@ def rank_latents(codes: Tensor, y: Tensor, top: int, l1_fraction: float = RANK_L
     with warnings.catch_warnings():  # "sparse CSR support is in beta": products with dense matrices are what we use
         warnings.simplefilter("ignore", UserWarning)
         x, xt = dense.to_sparse_csr(), dense.T.contiguous().to_sparse_csr()  # SAE codes are mostly zeros
-    weights, target = _balanced_weights(y), y.double()  # [n, C]
+    weights, target = example_weights(y), y.double()  # [n, C]
     mean_diff = xt @ (weights * torch.where(y, 2.0, -2.0).double())  # [m, C]: mean over positives - over negatives
     penalty = l1_fraction * (mean_diff.clamp_min(0) / 4).amax(0)  # [C]: the loss gradient at 0 is -mean_diff / 4
 
@@ -231,7 +209,8 @@ def split_features(
     f1_by_k = []
     for k in range(1, ranked.shape[1] + 1):
         idx = ranked[:, :k]  # [C, k]
-        weight, bias = fit_logistic(codes_train.T[idx].transpose(1, 2), y_train, K_SPARSE_L2)  # inputs [C, n, k]
+        inputs = codes_train.T[idx].transpose(1, 2)  # [C, n, k]
+        weight, bias = fit_logistic(inputs, y_train, _l2(K_SPARSE_L2, inputs))
         test_logits = torch.einsum("cnk,ck->nc", codes_test.T[idx].transpose(1, 2).double(), weight) + bias
         f1_by_k.append(f1_scores(test_logits > 0, y_test))
     out = []
@@ -353,6 +332,25 @@ def encode_all(sae: SAE, x: Tensor, batch_size: int = 1024) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, sae.cfg.d_sae)
 
 
+def _labels(words: list[Word]) -> Tensor:
+    return torch.tensor([w.letter for w in words], dtype=torch.long)
+
+
+def word_split(tokenizer, cfg: AbsorptionConfig) -> WordSplit:
+    """The benchmark's words for `tokenizer`, checked as far as the tokenizer alone can (so `sae bench` can refuse
+    a bad --absorption-words before any model loads): a UserError when the vocabulary has too few words or no
+    letter has both train and test words."""
+    split = split_words(
+        tokenizer,
+        cfg.absorption_words,
+        cfg.absorption_icl_examples,
+        cfg.absorption_train_fraction,
+        cfg.absorption_seed,
+    )
+    probe_letters(_labels(split.train), _labels(split.test))
+    return split
+
+
 def absorption(sae: SAE, lm: LoadedModel, cfg: AbsorptionConfig = AbsorptionConfig()) -> dict:
     """The first-letter absorption benchmark of `sae` on `lm` (see the module docstring); a JSON-ready dict."""
     if getattr(sae.cfg, "hook_name_out", ""):
@@ -362,17 +360,11 @@ def absorption(sae: SAE, lm: LoadedModel, cfg: AbsorptionConfig = AbsorptionConf
         )
     hp = parse_hook(sae.cfg.hook_name, lm.model)
     check_sae_fits(sae, lm)
-    split = split_words(
-        lm.tokenizer,
-        cfg.absorption_words,
-        cfg.absorption_icl_examples,
-        cfg.absorption_train_fraction,
-        cfg.absorption_seed,
-    )
+    split = word_split(lm.tokenizer, cfg)
     prefix = prompt_prefix(lm.tokenizer, split.examples, bool(sae.cfg.prepend_bos))
     words = split.train + split.test
     acts = word_activations(lm, hp, prefix, words, cfg.absorption_batch_size, desc="absorption")
-    labels = torch.tensor([w.letter for w in words])
+    labels = _labels(words)
     n = len(split.train)
     x_train, x_test, y_train, y_test = acts[:n], acts[n:], labels[:n], labels[n:]
     probe = first_letter_probe(x_train, y_train, x_test, y_test)

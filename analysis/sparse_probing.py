@@ -6,9 +6,10 @@ report its accuracy on the test split, for every k in `probe_ks`. The same probe
 activations is the baseline, `llm_test_accuracy`; `llm_top_{k}` selects k raw dimensions the same way and
 `sae_test_accuracy` uses every latent (SAEBench reports both too).
 
-The probe is our own deterministic logistic regression (no sklearn): features centred on the train split's means
-and divided by one common scale (the root mean variance of the columns), then mean log-loss + probe_l2 / 2 * |w|^2
-(bias unpenalised) minimised in float64 by full-batch L-BFGS from zero, so the same data always gives the same probe.
+The probe is our own deterministic logistic regression (analysis/logistic.py; no sklearn): features centred on the
+train split's means and divided by one common scale (the root mean variance of the columns), then mean log-loss +
+probe_l2 / 2 * |w|^2 (bias unpenalised) minimised in float64 by full-batch L-BFGS from zero, so the same data always
+gives the same probe.
 SAEBench fits sklearn's L2 logistic regression (C = 1) on the unscaled features; one common scale keeps the
 columns' relative sizes as that does, while making the penalty mean the same for activations of any overall scale.
 (Standardising each column instead inflates rarely-firing latents: on the default run the all-latent probe lost
@@ -17,7 +18,7 @@ columns' relative sizes as that does, while making the penalty mean the same for
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from activations.errors import UserError
 from activations.models import LoadedModel
 from activations.options import check_fields, option
+from analysis.logistic import fit_logistic
 from analysis.probing_tasks import TASKS, ProbeTask, build_tasks, check_task_names
 from sae.base import SAE
 from sae.runs import check_sae_fits
@@ -56,53 +58,26 @@ class ProbingConfig:
 
 @dataclass
 class LogisticProbe:
-    """A fitted linear probe: logit = ((x - mean) / scale) @ weight + bias; class 1 where the logit is positive
-    (`scale`: the one common scale, a scalar)."""
+    """A fitted linear probe: logit = x @ weight + bias; class 1 where the logit is positive."""
 
-    mean: Tensor
-    scale: Tensor
-    weight: Tensor
-    bias: Tensor
-    iterations: int = field(default=0)
+    weight: Tensor  # [d] float64, in the input's own space
+    bias: Tensor  # a scalar
 
     def logits(self, x: Tensor) -> Tensor:
         """The probe's logits [n] for inputs [n, d]."""
-        return ((x.double() - self.mean) / self.scale) @ self.weight + self.bias
+        return x.double() @ self.weight + self.bias
 
     def accuracy(self, x: Tensor, labels: Tensor) -> float:
         """Fraction of `labels` (0/1) the probe gets right on `x`."""
         return ((self.logits(x) > 0).long() == labels).double().mean().item()
 
 
-def fit_logistic(x: Tensor, labels: Tensor, l2: float = 1e-3, max_iter: int = 500) -> LogisticProbe:
-    """The L2-regularised logistic regression of 0/1 `labels` [n] on `x` [n, d] (see the module docstring)."""
-    x = x.double().clone()  # a copy: `x` may be an inference tensor, which autograd cannot save
-    mean = x.mean(0)
-    scale = x.var(0, correction=0).mean().sqrt()
-    scale = scale if scale > 0 else torch.ones((), dtype=torch.float64)  # every column constant: nothing to learn
-    z = (x - mean) / scale
-    y = labels.double()
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-14,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def loss_fn() -> Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 0.5 * l2 * (w @ w)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(loss_fn)
-    return LogisticProbe(mean, scale, w.detach(), b.detach(), int(opt.state[w].get("n_iter", 0)))
+def fit_probe(x: Tensor, labels: Tensor, l2: float = 1e-3, max_iter: int = 500) -> LogisticProbe:
+    """The L2-regularised logistic regression of 0/1 `labels` [n] on `x` [n, d] (see the module docstring):
+    uniform example weights (the mean log-loss), and l2 as given, since fit_logistic scales its inputs to unit
+    mean variance per coordinate, which is the one common scale described there."""
+    weight, bias = fit_logistic(x, labels[:, None], l2, balanced=False, max_iter=max_iter)
+    return LogisticProbe(weight[0], bias[0])
 
 
 def top_latents(latents: Tensor, labels: Tensor, k: int) -> Tensor:
@@ -114,7 +89,7 @@ def top_latents(latents: Tensor, labels: Tensor, k: int) -> Tensor:
 
 def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: ProbingConfig) -> float:
     """Test accuracy of a probe fitted on the train split."""
-    probe = fit_logistic(train_x, train_y, cfg.probe_l2, cfg.probe_max_iter)
+    probe = fit_probe(train_x, train_y, cfg.probe_l2, cfg.probe_max_iter)
     return probe.accuracy(test_x, test_y)
 
 

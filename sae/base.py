@@ -93,6 +93,15 @@ class ForwardPass:
     code: Code  # the latent activations
 
 
+@torch.no_grad()
+def threshold_for_l0(pre: Tensor, l0: float) -> Tensor:
+    """A threshold that about l0 pre-activations per token exceed: the median over tokens of each token's l0-th
+    largest pre-activation (robust to the few tokens of huge norm, such as a first position, whose values would
+    take every place of a batch-wide top-k). A scalar in pre's dtype."""
+    k = max(1, min(pre.shape[-1], round(l0)))
+    return pre.reshape(-1, pre.shape[-1]).float().topk(k, dim=-1).values[:, -1].median().to(pre.dtype)
+
+
 def fvu(x: Tensor, x_hat: Tensor, variance: Tensor | None = None) -> Tensor:
     """Fraction of variance unexplained: sum((x - x_hat)^2) / variance, in float32.
 
@@ -198,6 +207,15 @@ class SAE(nn.Module):
         if code.idx is None:
             return self.decode(code.acts)
         return sparse_decode(code.idx, code.acts, self.W_dec) + self.b_dec
+
+    def calibrate_sparsity(self, x: Tensor, l0: float) -> None:
+        """Set the biases or thresholds that decide which latents fire so that this batch x [B, d_in] has L0 about
+        `l0` (called once, on the first batch, when a target L0 is given); nothing for k-sparse architectures."""
+
+    def optimizer_groups(self) -> list[dict]:
+        """Adam's parameter groups: one for every parameter by default; a group's "lr_scale" multiplies the
+        scheduled learning rate for its parameters (training.step.set_lr)."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def set_progress(self, fraction: float) -> None:
         """Called by the trainer before each step with the fraction of training done, for schedules

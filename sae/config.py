@@ -72,10 +72,12 @@ class SAEConfig:
     # sparsity penalties, in SAELens units (added to FVU as SAELens adds them to the summed MSE, see sae.base.penalty)
     l1_coefficient: float = 5.0  # relu, gated: L1 of f_i * ||W_dec_i|| (Anthropic April 2024 update)
     l0_coefficient: float = 1.0  # jumprelu: L0 through the straight-through estimator
+    target_l0: float | None = None  # relu, gated, jumprelu: training steers the coefficient to this L0 (l0_target)
     sparsity_warmup_fraction: float = 0.05  # l1/l0 coefficient warms up linearly over this fraction of training
     jumprelu_bandwidth: float = 0.05  # STE rectangle-kernel width, in (normalised) activation units
     jumprelu_init_threshold: float = 0.5  # SAELens uses 0.01; thresholds move ~lr per step, so 0.5 suits short runs
-    pre_act_loss_coefficient: float = 0.0  # jumprelu: Anthropic's pre-activation loss on dead latents (0 = off)
+    jumprelu_threshold_lr_scale: float = 10.0  # thresholds' lr = this x the schedule's (benchmarks/frontier.md)
+    pre_act_loss_coefficient: float = 0.3  # jumprelu: Anthropic's pre-activation loss on dead latents (0 = off)
     topk_threshold_lr: float = 0.01  # batchtopk, matryoshka: EMA rate of the inference threshold
     matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes (None: d_sae/16, /8, /4, /2, d_sae)
     # transcoder: reads hook_name (d_in), reconstructs hook_name_out (d_out)
@@ -105,6 +107,8 @@ class SAEConfig:
         for name in ("l1_coefficient", "l0_coefficient", "pre_act_loss_coefficient", "sparsity_warmup_fraction"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"SAE config {name} must be >= 0, got {getattr(self, name)!r}; set it in the config")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            raise UserError(f"SAE config target_l0 must be > 0 (or null), got {self.target_l0!r}; set it in the config")
         torch_dtype(self.dtype)  # validates the name
 
     @property

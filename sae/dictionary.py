@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from activations.errors import UserError
 from activations.options import check_fields, option
 from sae.config import SAEConfig
-from sae.registry import ARCHITECTURES
+from sae.registry import ARCHITECTURES, COEFFICIENT_OF
 
 _ONLY_FOR = {  # option -> the architectures that read it
     "l1_coefficient": ("relu", "gated"),
     "l0_coefficient": ("jumprelu",),
     "matryoshka_prefixes": ("matryoshka",),
+    "target_l0": ("relu", "gated", "jumprelu"),
 }
 
 
@@ -28,7 +29,8 @@ class DictionaryConfig:
     architecture: str = option(SAEConfig.architecture, "SAE architecture", choices=tuple(sorted(ARCHITECTURES)))
     k: int = option(
         SAEConfig.k,
-        "active latents per token for topk, transcoder; per token on average for batchtopk, matryoshka",
+        "active latents per token for topk, transcoder; per token on average for batchtopk, matryoshka; relu, "
+        "gated, jumprelu: the L0 their coefficient is steered to when none is given (see --target-l0)",
         low=1,
     )
     expansion: int = option(8, "d_sae = expansion × d_model", low=1)
@@ -41,6 +43,13 @@ class DictionaryConfig:
     )
     l0_coefficient: float | None = option(
         None, f"jumprelu: weight of the L0 penalty, SAELens units (default {SAEConfig.l0_coefficient:g})", low=0
+    )
+    target_l0: float | None = option(
+        None,
+        "relu, gated, jumprelu: steer the sparsity coefficient during training so L0 settles at this value, "
+        "starting from the coefficient given or its default (default --k, unless a coefficient is given: then it is "
+        "fixed)",
+        above=0,
     )
     matryoshka_prefixes: list[int] | None = option(
         None, "matryoshka: nested dictionary sizes, e.g. 256,1024,4096 (default d_sae/16,/8,/4,/2,d_sae)"
@@ -74,6 +83,9 @@ class DictionaryConfig:
     def sae_config(self, d_in: int, **provenance) -> SAEConfig:
         """The full SAEConfig for inputs of width d_in; provenance: model_name, hook_name, ... (SAEConfig fields)."""
         chosen = {name: getattr(self, name) for name in _ONLY_FOR if getattr(self, name) is not None}
+        coefficient = COEFFICIENT_OF.get(self.architecture)
+        if coefficient and coefficient not in chosen and "target_l0" not in chosen:
+            chosen["target_l0"] = float(self.k)  # no fixed coefficient suits every budget; aim at TopK's sparsity
         return SAEConfig(
             d_in=d_in, d_sae=self.width(d_in), architecture=self.architecture, k=self.k, **chosen, **provenance
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae.base import SAE, ForwardPass, Variance, denominator, fvu
+from sae.base import SAE, ForwardPass, Variance, denominator, fvu, threshold_for_l0
 from sae.config import SAEConfig
 
 
@@ -30,6 +30,11 @@ class GatedSAE(SAE):
     def encode_pre(self, x: Tensor) -> Tensor:
         """The projection both paths share, (x - b_dec) @ W_enc, [..., d_sae] (biases added per path)."""
         return (self._check_input(x) - self.b_dec) @ self.W_enc
+
+    @torch.no_grad()
+    def calibrate_sparsity(self, x: Tensor, l0: float) -> None:
+        """b_gate = minus the threshold that opens l0 gates per token of x (the magnitude path is left as it is)."""
+        self.b_gate.fill_(-threshold_for_l0(self.encode_pre(x), l0))
 
     def activation(self, pre: Tensor) -> Tensor:
         """Magnitude ReLU((x - b_dec) W_mag + b_mag) where the gate pre-activation is positive, else 0."""

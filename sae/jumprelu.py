@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from activations.errors import UserError
-from sae.base import SAE, Code, ForwardPass, Variance, denominator, penalty
+from sae.base import SAE, Code, ForwardPass, Variance, denominator, penalty, threshold_for_l0
 from sae.config import SAEConfig
 
 
@@ -82,6 +82,20 @@ class JumpReLUSAE(SAE):
             torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold), device=device, dtype=cfg.torch_dtype)
         )
 
+    @torch.no_grad()
+    def calibrate_sparsity(self, x: Tensor, l0: float) -> None:
+        """Every threshold at the pre-activation value that l0 latents per token of x exceed."""
+        self.threshold.fill_(threshold_for_l0(self.encode_pre(x), l0).clamp_min(0))
+
+    def optimizer_groups(self) -> list[dict]:
+        """The thresholds get jumprelu_threshold_lr_scale times the learning rate: under Adam a parameter moves by
+        about lr a step, and a threshold must travel a distance on the scale of the pre-activations."""
+        others = [p for name, p in self.named_parameters() if name != "threshold"]
+        return [
+            {"params": others, "lr_scale": 1.0},
+            {"params": [self.threshold], "lr_scale": self.cfg.jumprelu_threshold_lr_scale},
+        ]
+
     def activation(self, pre: Tensor) -> Tensor:
         """Inference: ReLU(z) where z exceeds the (non-negative) threshold, else 0 (as SAELens's jumprelu)."""
         return pre.relu() * (pre > self.threshold.relu()).to(pre.dtype)
@@ -93,11 +107,13 @@ class JumpReLUSAE(SAE):
     def aux_losses(
         self, fp: ForwardPass, dead_mask: Tensor | None, variance: Variance | None = None
     ) -> dict[str, Tensor]:
-        """{"l0": warmed-up l0_coefficient * L0 (STE)} plus, when pre_act_loss_coefficient > 0,
+        """{"l0_penalty": warmed-up l0_coefficient * L0 (STE); not "l0", the logged L0 itself} plus, when
+        pre_act_loss_coefficient > 0,
         {"pre_act": Anthropic's sum over dead latents of ReLU(theta - z) * ||W_dec_i||}."""
         l0 = Step.apply(fp.pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(dim=-1)
         terms = {
-            "l0": self.warmed_up(self.cfg.l0_coefficient) * penalty(l0, fp.target, denominator(fp.target, variance))
+            "l0_penalty": self.warmed_up(self.cfg.l0_coefficient)
+            * penalty(l0, fp.target, denominator(fp.target, variance))
         }
         if self.cfg.pre_act_loss_coefficient > 0:
             dead = fp.pre.new_zeros(self.cfg.d_sae) if dead_mask is None else dead_mask.to(fp.pre.device, fp.pre.dtype)

@@ -147,6 +147,9 @@ def train_setting(
     manifest = read_manifest(cache)
     d_in = int(manifest["d_model"])
     sae_fields = {"d_in": d_in, "d_sae": EXPANSION * d_in, "architecture": setting.architecture, **setting.sae}
+    coefficient = COEFFICIENTS.get(setting.architecture)
+    if coefficient and coefficient not in setting.sae and "target_l0" not in setting.sae:  # as sae train's default
+        sae_fields["target_l0"] = float(sae_fields.get("k", SAEConfig.k))  # (sae.dictionary.DictionaryConfig)
     sae_cfg = SAEConfig(**sae_fields, model_name=manifest["model"], hook_name=hook)
     torch.manual_seed(seed)
     sae = make_sae(sae_cfg)
@@ -178,6 +181,8 @@ def run_sweep(args: argparse.Namespace, settings: list[Setting]) -> list[dict]:
         sae = train_setting(setting, args.cache, hook, tokens, seed)
         row = {"label": setting.label, "architecture": setting.architecture, "tokens": tokens, "seed": seed}
         row.update(score(sae, heldout), seconds=round(time.time() - started, 1))
+        if setting.architecture in COEFFICIENTS:  # the coefficient trained with (where --target-l0 steered it)
+            row["final_coefficient"] = getattr(sae.cfg, COEFFICIENTS[setting.architecture])
         results.append(row)
         done[(setting.label, tokens, seed)] = row
         path.write_text(json.dumps(results, indent=1))

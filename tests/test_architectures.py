@@ -20,6 +20,7 @@ from sae.io import load_sae, save_sae
 from sae.jumprelu import JumpReLU, Step
 from sae.matryoshka import default_prefixes, parse_prefixes
 from sae.registry import ARCHITECTURES, make_sae
+from sae.relu import DECODER_INIT_NORM
 from training.step import train_step
 
 D_IN, N_TRUE, N_ACTIVE, D_SAE, BATCH = 32, 64, 3, 128, 256
@@ -250,7 +251,7 @@ def test_jumprelu_l0_penalty_raises_thresholds_and_cuts_l0():
     out_dense = train(dense, lambda: (data.batch(), None), 60)
     assert sparse.threshold.mean() > dense.threshold.mean() + 0.1
     assert out_sparse.l0 < 0.5 * out_dense.l0
-    assert set(out_sparse.losses) == {"fvu", "l0"}
+    assert set(out_sparse.losses) == {"fvu", "l0_penalty", "pre_act"}  # pre_act on by default (on dead latents)
     with_pre_act = make("jumprelu", pre_act_loss_coefficient=1e-2)
     out = with_pre_act.training_forward(data.batch(), dead_mask=torch.ones(D_SAE, dtype=torch.bool))
     assert out.losses["pre_act"] > 0
@@ -329,7 +330,7 @@ def test_matryoshka_prefix_config():
 
 def test_relu_l1_warms_up_with_progress_and_leaves_decoder_norms_free():
     sae = make("relu", l1_coefficient=2.0, sparsity_warmup_fraction=0.1)
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.1))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), DECODER_INIT_NORM))
     x = Planted().batch()
     l1 = {}
     for progress in (0.0, 0.05, 0.1, 0.7):
@@ -342,13 +343,16 @@ def test_relu_l1_warms_up_with_progress_and_leaves_decoder_norms_free():
     expected = 2.0 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
     assert l1[0.7] == pytest.approx(expected.item(), rel=1e-4)
 
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)  # rows off the unit sphere: renormalising would show
     out = sae.training_forward(x)
     out.loss.backward()
     grad = sae.W_dec.grad.clone()
     sae.remove_parallel_grad()
     sae.normalise_decoder()
     assert torch.equal(sae.W_dec.grad, grad)  # no projection ...
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), 0.1))  # ... and no renormalisation
+    half = torch.full((D_SAE,), 0.5 * DECODER_INIT_NORM)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), half)  # ... and no renormalisation
 
 
 # ---- configuration errors -------------------------------------------------------------------

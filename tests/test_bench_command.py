@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from test_dashboard import TRAIN, _one_line_error
 
+import sae.runs
 from analysis.commands.bench import FILE
 from sae.cli import main
 
@@ -100,6 +102,29 @@ def test_bench_option_errors_are_one_line(runs, argv, phrase, capsys):
     before = (run / FILE).read_text() if (run / FILE).is_file() else None
     _one_line_error(main(["bench", str(run), *argv, "--device", "cpu"]), capsys.readouterr().err, phrase)
     assert ((run / FILE).read_text() if (run / FILE).is_file() else None) == before  # nothing ran, nothing lost
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--absorption-words", "1000000"], "lower --absorption-words"),  # more than the vocabulary has
+        # 19 train words and 1 test word, whose first letter (seed 4) no train word has
+        (["--absorption-words", "20", "--absorption-train-fraction", "0.95", "--absorption-seed", "4"], "no letter"),
+    ],
+)
+def test_absorption_words_are_checked_on_the_tokenizer_before_any_model_loads(
+    runs, argv, phrase, tmp_path, monkeypatch, capsys
+):
+    run, _ = runs
+    fresh = tmp_path / "run"
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns(FILE))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the absorption words were checked")
+
+    monkeypatch.setattr(sae.runs, "load_model", no_model)
+    _one_line_error(main(["bench", str(fresh), *argv, "--device", "cpu"]), capsys.readouterr().err, phrase)
+    assert not (fresh / FILE).exists()
 
 
 def test_bench_missing_run_is_one_line(tmp_path, capsys):

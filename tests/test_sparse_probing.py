@@ -25,7 +25,7 @@ from analysis.probing_tasks import (
     task_generator,
     token_labels,
 )
-from analysis.sparse_probing import ProbingConfig, fit_logistic, probe_task, sparse_probing, top_latents
+from analysis.sparse_probing import ProbingConfig, fit_probe, probe_task, sparse_probing, top_latents
 from sae.config import SAEConfig
 from sae.registry import make_sae
 
@@ -45,7 +45,7 @@ def test_one_dimensional_fit_matches_the_hand_solved_optimum():
         lo, hi = (mid, hi) if l2 * mid < 1 / (1 + math.exp(mid)) else (lo, mid)
     x = torch.tensor([[1.0], [-1.0]] * 5)
     y = torch.tensor([1, 0] * 5)
-    probe = fit_logistic(x, y, l2=l2)
+    probe = fit_probe(x, y, l2=l2)
     assert float(probe.weight[0]) == pytest.approx(lo, abs=1e-6)
     assert float(probe.bias) == pytest.approx(0.0, abs=1e-6)
     assert probe.accuracy(x, y) == 1.0
@@ -58,12 +58,15 @@ def test_raw_probe_on_linearly_separable_data_is_exact_and_optimal():
     margin = (x / torch.linspace(0.5, 5, 32)) @ w_true
     x, margin = x[margin.abs() > 0.5], margin[margin.abs() > 0.5]
     y = (margin > 0).long()
-    probe = fit_logistic(x[:800], y[:800], l2=1e-3)
+    probe = fit_probe(x[:800], y[:800], l2=1e-3)
     assert probe.accuracy(x[800:], y[800:]) >= 0.98
-    # the gradient of the objective, written out independently, vanishes at the returned probe
-    z = (x[:800].double() - probe.mean) / probe.scale
-    p = torch.sigmoid(z @ probe.weight + probe.bias)
-    grad_w = z.T @ (p - y[:800].double()) / 800 + 1e-3 * probe.weight
+    # the gradient of the objective, written out independently, vanishes at the returned probe: on the features
+    # centred and divided by the root mean variance of the columns, the probe's weight is w * scale
+    train = x[:800].double()
+    mean, scale = train.mean(0), train.var(0, correction=0).mean().sqrt()
+    z, w = (train - mean) / scale, probe.weight * scale
+    p = torch.sigmoid(z @ w + probe.bias + probe.weight @ mean)
+    grad_w = z.T @ (p - y[:800].double()) / 800 + 1e-3 * w
     grad_b = (p - y[:800].double()).mean()
     assert grad_w.abs().max() < 1e-6 and abs(float(grad_b)) < 1e-6
 
@@ -73,7 +76,7 @@ def test_the_fit_is_deterministic_and_a_constant_column_gets_no_weight():
     x = torch.randn(200, 6, generator=gen)
     x[:, 2] = 3.0  # a dead latent: constant
     y = (x[:, 0] + 0.3 * torch.randn(200, generator=gen) > 0).long()
-    a, b = fit_logistic(x, y), fit_logistic(x.clone(), y.clone())
+    a, b = fit_probe(x, y), fit_probe(x.clone(), y.clone())
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert float(a.weight[2]) == 0.0 and torch.isfinite(a.weight).all()
 

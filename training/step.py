@@ -47,9 +47,9 @@ def clip_grad_norm(sae: SAE, max_norm: float) -> Tensor:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (the schedule decides it per step)."""
+    """Set every parameter group's learning rate: the schedule's, times the group's "lr_scale" (default 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def train_step(

@@ -24,6 +24,7 @@ from training.config import TrainConfig
 from training.data import ActivationBatches
 from training.distributed import SingleProcess
 from training.init import initial_b_dec
+from training.l0_target import coefficient_name, steer
 from training.log import MetricsLog, NoLog
 from training.schedule import lr_factor
 from training.step import StepResult, train_step
@@ -71,7 +72,7 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.tokens / self.batch_size))
         self.lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
         self.optimizer = torch.optim.Adam(
-            sae.parameters(), lr=self.lr, betas=cfg.adam_betas, fused=self.device.type == "cuda"
+            sae.optimizer_groups(), lr=self.lr, betas=cfg.adam_betas, fused=self.device.type == "cuda"
         )
         self.dead_tokens = cfg.dead_tokens or max(self.batch_size, min(10_000_000, cfg.tokens // 5))
         self.step, self.tokens = 0, 0
@@ -181,6 +182,8 @@ class Trainer:
         if self.step == 0 and cfg.b_dec_init != "zeros":  # b_dec lives in the space the SAE reconstructs
             first = self.parallel.global_batch(x if target is None else target)
             sae.b_dec.data.copy_(initial_b_dec(first, cfg.b_dec_init))
+        if self.step == 0 and sae.cfg.target_l0 is not None:  # start at the target sparsity (penalty architectures)
+            sae.calibrate_sparsity(self.parallel.global_batch(x), sae.cfg.target_l0)
 
         factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         sae.set_progress(self.step / self.total_steps)
@@ -199,6 +202,8 @@ class Trainer:
             clip=self.parallel.clip_grad_norm_,
         )
         self._count_fired(self.parallel.any(result.out.fired), step_tokens)
+        if sae.cfg.target_l0 is not None:  # --target-l0: the coefficient follows this step's L0 (every rank's)
+            steer(sae, self.parallel.mean(result.out.l0).item(), sae.cfg.target_l0)
 
         self.step += 1
         self.tokens += step_tokens
@@ -277,4 +282,6 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
         }
         metrics.update(stats)
+        if self.sae.cfg.target_l0 is not None:  # the coefficient --target-l0 has steered to
+            metrics["coefficient"] = getattr(self.sae.cfg, coefficient_name(self.sae.cfg.architecture))
         return metrics

@@ -12,14 +12,16 @@ from pathlib import Path
 from activations.config import HeldOutText, SAEModelConfig
 from activations.errors import UserError
 from activations.files import atomic_write_json, check_writable
-from activations.models import LoadedModel
+from activations.models import DEFAULT_MODEL, LoadedModel, resolve_model_path
 from activations.options import check_fields, option
 from activations.sources import open_text_source
-from analysis.absorption import AbsorptionConfig, absorption
+from analysis.absorption import AbsorptionConfig, absorption, word_split
 from analysis.bench_core import core_metrics
 from analysis.compare import expand_runs
 from analysis.evaluate import EvalConfig
 from analysis.sparse_probing import ProbingConfig, sparse_probing
+from sae.config import SAEConfig
+from sae.io import read_cfg
 from sae.runs import open_sae, sae_folders
 
 HELP = "benchmark SAEs: SAEBench core metrics, absorption, sparse probing (writes RUN/bench.json)"
@@ -65,15 +67,41 @@ def _folders(runs: list[str]) -> list[Path]:
 
 
 def _check_sizes(folders: list[Path], cfg: Config) -> None:
-    """What each SAE's cfg.json can refute before any model loads: more probe latents than the SAE has."""
-    if "probing" not in cfg.parts:
-        return
-    for folder in folders:
-        d_sae = _read(folder / "cfg.json").get("d_sae")
-        if isinstance(d_sae, int) and max(cfg.probing.probe_ks) > d_sae:
-            raise UserError(
-                f"--probe-ks {max(cfg.probing.probe_ks)} is more than the {d_sae} latents of {folder}; use fewer."
-            )
+    """What can be refuted before any model loads: from each SAE's cfg.json, more probe latents than the SAE has;
+    from each model's tokenizer, absorption words that the vocabulary cannot supply or that leave no letter with
+    both train and test words."""
+    if "probing" in cfg.parts:
+        for folder in folders:
+            d_sae = _read(folder / "cfg.json").get("d_sae")
+            if isinstance(d_sae, int) and max(cfg.probing.probe_ks) > d_sae:
+                raise UserError(
+                    f"--probe-ks {max(cfg.probing.probe_ks)} is more than the {d_sae} latents of {folder}; use fewer."
+                )
+    if "absorption" in cfg.parts:
+        absorbing = [f for f in folders if not getattr(_sae_cfg(f), "hook_name_out", "")]  # transcoders are skipped
+        for name in sorted({_model_name(folder, cfg) for folder in absorbing}):
+            tokenizer = _tokenizer(name)
+            if tokenizer is not None:
+                word_split(tokenizer, cfg.absorption)
+
+
+def _sae_cfg(folder: Path) -> SAEConfig | None:
+    """The SAE's config from its cfg.json, or None when that cannot be read (opening the SAE then says why)."""
+    try:
+        return read_cfg(folder)
+    except UserError:
+        return None
+
+
+def _tokenizer(name: str):
+    """The tokenizer of model `name` without its weights, or None when it cannot be read (loading the model then
+    says why). The embedded default's first use converts its GGUF file, as loading it would."""
+    from transformers import AutoTokenizer  # imported when used, as in activations/models.py: it is slow to import
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _read(path: Path) -> dict:
@@ -146,10 +174,10 @@ def table(results: dict[str, dict]) -> str:
 
 
 def _model_name(folder: Path, cfg: Config) -> str:
-    """The model an SAE folder is benched with: --model, else the one its cfg.json names."""
-    if cfg.model.model:
-        return cfg.model.model
-    return str(_read(folder / "cfg.json").get("model_name") or "")
+    """The model an SAE folder is benched with, as open_sae picks it: --model, else the one its cfg.json names
+    (read as the SAE is, a plain SAELens cfg.json too), else the embedded default."""
+    sae_cfg = _sae_cfg(folder)
+    return cfg.model.model or (sae_cfg.model_name if sae_cfg else "") or DEFAULT_MODEL
 
 
 def run(cfg: Config) -> dict[str, dict]:
