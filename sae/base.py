@@ -212,10 +212,20 @@ class SAE(nn.Module):
         """Set the biases or thresholds that decide which latents fire so that this batch x [B, d_in] has L0 about
         `l0` (called once, on the first batch, when a target L0 is given); nothing for k-sparse architectures."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameters whose learning rate is a multiple of the schedule's now, by name (the others get 1): the
+        decoder's unit-norm rows turn slowly at the encoder's rate, so they start at decoder_lr_scale x and fall
+        linearly to 1 x by the end of training (benchmarks/frontier.md: faster early, as steady late)."""
+        return {"W_dec": 1 + (self.cfg.decoder_lr_scale - 1) * (1 - self.progress)}
+
     def optimizer_groups(self) -> list[dict]:
-        """Adam's parameter groups: one for every parameter by default; a group's "lr_scale" multiplies the
-        scheduled learning rate for its parameters (training.step.set_lr)."""
-        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+        """Adam's parameter groups: each parameter of lr_scales() alone, the rest together; "param_names" names a
+        group's parameters, in order, so training.step.set_lr can apply the scales and a checkpoint be checked."""
+        scaled = self.lr_scales()
+        named = list(self.named_parameters())
+        rest = [(name, param) for name, param in named if name not in scaled]
+        groups = [{"params": [p for _, p in rest], "param_names": [n for n, _ in rest]}] if rest else []
+        return groups + [{"params": [param], "param_names": [name]} for name, param in named if name in scaled]
 
     def set_progress(self, fraction: float) -> None:
         """Called by the trainer before each step with the fraction of training done, for schedules

@@ -77,8 +77,10 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05  # STE rectangle-kernel width, in (normalised) activation units
     jumprelu_init_threshold: float = 0.5  # SAELens uses 0.01; thresholds move ~lr per step, so 0.5 suits short runs
     jumprelu_threshold_lr_scale: float = 10.0  # thresholds' lr = this x the schedule's (benchmarks/frontier.md)
+    decoder_lr_scale: float = 3.0  # W_dec's lr: this x the schedule's at the start, falling to 1 x (frontier.md)
     pre_act_loss_coefficient: float = 0.3  # jumprelu: Anthropic's pre-activation loss on dead latents (0 = off)
     topk_threshold_lr: float = 0.01  # batchtopk, matryoshka: EMA rate of the inference threshold
+    batch_topk_warmup_fraction: float = 0.0  # batchtopk, matryoshka: per-token TopK over this first fraction of steps
     matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes (None: d_sae/16, /8, /4, /2, d_sae)
     # transcoder: reads hook_name (d_in), reconstructs hook_name_out (d_out)
     d_out: int | None = None  # None: d_in
@@ -107,6 +109,14 @@ class SAEConfig:
         for name in ("l1_coefficient", "l0_coefficient", "pre_act_loss_coefficient", "sparsity_warmup_fraction"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"SAE config {name} must be >= 0, got {getattr(self, name)!r}; set it in the config")
+        for name in ("decoder_lr_scale", "jumprelu_threshold_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"SAE config {name} must be > 0, got {getattr(self, name)!r}; set it in the config")
+        if not 0 <= self.batch_topk_warmup_fraction <= 1:
+            raise UserError(
+                f"SAE config batch_topk_warmup_fraction must be in [0, 1], got {self.batch_topk_warmup_fraction!r}; "
+                "set it in the config"
+            )
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise UserError(f"SAE config target_l0 must be > 0 (or null), got {self.target_l0!r}; set it in the config")
         torch_dtype(self.dtype)  # validates the name

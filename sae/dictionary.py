@@ -54,6 +54,12 @@ class DictionaryConfig:
     matryoshka_prefixes: list[int] | None = option(
         None, "matryoshka: nested dictionary sizes, e.g. 256,1024,4096 (default d_sae/16,/8,/4,/2,d_sae)"
     )
+    decoder_lr_scale: float = option(
+        SAEConfig.decoder_lr_scale,
+        "the decoder's learning rate as a multiple of --lr at the start, falling linearly to 1 x by the end (its "
+        "unit-norm rows turn slowly at the encoder's rate)",
+        above=0,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -87,5 +93,11 @@ class DictionaryConfig:
         if coefficient and coefficient not in chosen and "target_l0" not in chosen:
             chosen["target_l0"] = float(self.k)  # no fixed coefficient suits every budget; aim at TopK's sparsity
         return SAEConfig(
-            d_in=d_in, d_sae=self.width(d_in), architecture=self.architecture, k=self.k, **chosen, **provenance
+            d_in=d_in,
+            d_sae=self.width(d_in),
+            architecture=self.architecture,
+            k=self.k,
+            decoder_lr_scale=self.decoder_lr_scale,
+            **chosen,
+            **provenance,
         )

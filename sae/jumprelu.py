@@ -87,14 +87,10 @@ class JumpReLUSAE(SAE):
         """Every threshold at the pre-activation value that l0 latents per token of x exceed."""
         self.threshold.fill_(threshold_for_l0(self.encode_pre(x), l0).clamp_min(0))
 
-    def optimizer_groups(self) -> list[dict]:
-        """The thresholds get jumprelu_threshold_lr_scale times the learning rate: under Adam a parameter moves by
+    def lr_scales(self) -> dict[str, float]:
+        """The decoder's, and jumprelu_threshold_lr_scale for the thresholds all along: under Adam a parameter moves by
         about lr a step, and a threshold must travel a distance on the scale of the pre-activations."""
-        others = [p for name, p in self.named_parameters() if name != "threshold"]
-        return [
-            {"params": others, "lr_scale": 1.0},
-            {"params": [self.threshold], "lr_scale": self.cfg.jumprelu_threshold_lr_scale},
-        ]
+        return {**super().lr_scales(), "threshold": self.cfg.jumprelu_threshold_lr_scale}
 
     def activation(self, pre: Tensor) -> Tensor:
         """Inference: ReLU(z) where z exceeds the (non-negative) threshold, else 0 (as SAELens's jumprelu)."""

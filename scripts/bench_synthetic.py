@@ -69,8 +69,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Synth
 def train_one(arch: str, truth: SyntheticFeatures, args: argparse.Namespace) -> dict:
     """Train one architecture on the synthetic stream at the Trainer's defaults; its recovery scores and time."""
     torch.manual_seed(0)
+    target = None if arch in K_ARCHS else float(args.k)  # penalty architectures steer to k, as `sae train` does
     sae = make_sae(
-        SAEConfig(d_in=truth.cfg.d_model, d_sae=args.d_sae, architecture=arch, k=args.k, hook_name=SYNTHETIC_HOOK)
+        SAEConfig(
+            d_in=truth.cfg.d_model,
+            d_sae=args.d_sae,
+            architecture=arch,
+            k=args.k,
+            target_l0=target,
+            hook_name=SYNTHETIC_HOOK,
+        )
     )
     store = SyntheticBatches(truth, args.batch_size)
     cfg = TrainConfig(tokens=args.tokens, checkpoint_every=10**9, log_every=50)  # one checkpoint, at the end
@@ -119,7 +127,7 @@ def report(args: argparse.Namespace, cfg: SyntheticConfig, truth: SyntheticFeatu
         f"- command: `python scripts/bench_synthetic.py {' '.join(sys.argv[1:])}`",
         f"- training: saelab's Trainer at its defaults, {args.tokens:,} samples, batch {args.batch_size}, "
         f"d_sae {args.d_sae}, lr {default_lr(args.d_sae):.3g}; k {args.k} for {', '.join(K_ARCHS)} (the data's "
-        "mean active count); relu/gated/jumprelu at their default penalty coefficients",
+        "mean active count); relu/gated/jumprelu steered to L0 = k (`--target-l0`, `sae train`'s default)",
         f"- truth: {cfg.n_features} features in {cfg.d_model} dimensions, {cfg.n_parents} parents × "
         f"{cfg.n_children} exclusive children, {cfg.n_groups} correlated groups of {cfg.group_size}; "
         f"firing probabilities {float(truth.probabilities.min()):.4f} to {float(truth.probabilities.max()):.3f}",

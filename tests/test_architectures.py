@@ -213,9 +213,28 @@ def test_batchtopk_trains_on_the_batch_and_infers_with_its_threshold():
     with torch.no_grad():  # inference: per token, JumpReLU at the threshold, independent of the batch
         f = sae.encode(x)
         torch.testing.assert_close(f, pre.relu() * (pre > sae.threshold))
+
         alone = torch.stack([sae.encode(x[i : i + 1])[0] for i in range(8)])
         torch.testing.assert_close(f[:8], alone)
         torch.testing.assert_close(sae.encode(x[:8]), f[:8])
+
+
+def test_batchtopk_selects_per_token_during_its_warmup_and_still_tracks_the_batch_threshold():
+    """Before batch_topk_warmup_fraction of training: the k largest of each token (TopK's code, dense); the threshold
+    moves to the batch's k * B-th value all the same, so inference after the warm-up starts from it."""
+    sae = make("batchtopk", k=4, batch_topk_warmup_fraction=0.5)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    pre = sae.encode_pre(Planted().batch())
+    sae.set_progress(0.4)
+    code = sae.train_code(pre)
+    assert ((code.acts != 0).sum(-1) == 4).all()  # k on every token
+    top = pre.relu().topk(4)
+    torch.testing.assert_close(code.acts, torch.zeros_like(pre).scatter(-1, top.indices, top.values))
+    batch_kth = pre.relu().flatten().topk(4 * BATCH).values.min()
+    torch.testing.assert_close(sae.threshold, batch_kth.expand(D_SAE))
+    sae.set_progress(0.5)
+    assert ((sae.train_code(pre).acts != 0).sum(-1) != 4).any()  # the warm-up is over: the batch's selection
 
 
 # ---- jumprelu -------------------------------------------------------------------------------

@@ -109,13 +109,19 @@ def test_the_steered_coefficient_is_logged_and_saved(tmp_path):
 
 
 def test_jumprelu_thresholds_get_their_own_learning_rate():
-    """The schedule's lr on every parameter, jumprelu_threshold_lr_scale times it on the thresholds."""
-    sae = make_sae(SAEConfig(d_in=4, d_sae=8, architecture="jumprelu", jumprelu_threshold_lr_scale=7.0))
+    """The schedule's lr on the encoder and biases, jumprelu_threshold_lr_scale times it on the thresholds all along
+    and decoder_lr_scale times it on the decoder at the start (1 x at the end)."""
+    cfg = SAEConfig(d_in=4, d_sae=8, architecture="jumprelu", jumprelu_threshold_lr_scale=7.0, decoder_lr_scale=2.0)
+    sae = make_sae(cfg)
     opt = torch.optim.Adam(sae.optimizer_groups(), lr=1.0)
-    set_lr(opt, 1e-3)
-    by_param = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
-    assert by_param[id(sae.threshold)] == pytest.approx(7e-3)
-    assert {by_param[id(p)] for name, p in sae.named_parameters() if name != "threshold"} == {1e-3}
+    for progress, decoder in ((0.0, 2e-3), (1.0, 1e-3)):
+        sae.set_progress(progress)
+        set_lr(opt, 1e-3, sae.lr_scales())
+        by_param = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+        assert by_param[id(sae.threshold)] == pytest.approx(7e-3)
+        assert by_param[id(sae.W_dec)] == pytest.approx(decoder)
+        others = {by_param[id(p)] for name, p in sae.named_parameters() if name not in ("threshold", "W_dec")}
+        assert others == {1e-3}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(sae.parameters()))
 
 

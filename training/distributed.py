@@ -407,7 +407,9 @@ class LatentSharded(AcrossRanks):
     def _map_moments(state: dict, sae, fn) -> dict:
         """A copy of an optimiser state with fn(parameter name, tensor) applied to each per-element moment
         (the live state's dicts are shared with the optimiser, so nothing is changed in place)."""
-        names = [name for name, _ in sae.named_parameters()]
+        names = dict(enumerate(name for name, _ in sae.named_parameters()))  # one group, in the module's order
+        for group in state["param_groups"]:  # a state's indices run through the groups in turn
+            names.update(zip(group["params"], group.get("param_names", ())))
         moments = {
             index: {
                 key: fn(names[index], value) if torch.is_tensor(value) and value.dim() > 0 else value

@@ -46,10 +46,13 @@ def clip_grad_norm(sae: SAE, max_norm: float) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate: the schedule's, times the group's "lr_scale" (default 1)."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, scales: dict[str, float] | None = None) -> None:
+    """Set every parameter group's learning rate: the schedule's, times the scale `scales` (SAE.lr_scales())
+    gives a group of one named parameter (1 for the others)."""
+    scales = scales or {}
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        names = group.get("param_names") or ()
+        group["lr"] = lr * (scales.get(names[0], 1.0) if len(names) == 1 else 1.0)
 
 
 def train_step(
@@ -86,7 +89,7 @@ def train_step(
     sae.remove_parallel_grad()
     grad_norm = clip(sae, grad_clip) if grad_clip else None
     if lr is not None:
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, sae.lr_scales())
     optimizer.step()
     sae.normalise_decoder()
     return StepResult(out=out, loss=loss, grad_norm=grad_norm, lr=lr)

@@ -109,6 +109,14 @@ class Trainer:
     def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
         """Restore a checkpoint's trainer state (the SAE's weights are loaded separately) and, with
         `restore_data`, put the store back where the checkpoint left it (older checkpoints: by position only)."""
+        saved = [group.get("param_names") for group in state["optimizer"]["param_groups"]]
+        built = [group["param_names"] for group in self.optimizer.param_groups]
+        if saved != built:  # e.g. written before the decoder had its own learning rate
+            raise UserError(
+                f"the checkpoint's optimiser groups its parameters as {saved}, this saelab as {built} (the "
+                "learning-rate scales of sae.base.SAE.lr_scales changed since it was written); resume it with the "
+                "saelab version that wrote it, or start a new run: its weights still load for sae eval / inspect."
+            )
         self.step, self.tokens = state["step"], state["tokens"]
         self.sae.resume_at(self.step)
         self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer"], self.sae))
