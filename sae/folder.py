@@ -78,3 +78,12 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[s
             f"{path}: tensor W_dec has decoder rows of norm up to {rows.amax().item():.3g} (limit {MAX_ABS:.0e}); "
             f"the file is corrupt or was rescaled by mistake - {redo}"
         )
+
+
+def own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh copies in torch's own (64-byte aligned) memory of tensors read from a safetensors file.
+
+    The file's tensors sit at its header's offsets (8-byte aligned), and the CPU kernels round some sums
+    differently on such memory: a resumed run would drift by an ulp from the run that was never stopped.
+    """
+    return {name: tensor.clone(memory_format=torch.contiguous_format) for name, tensor in tensors.items()}

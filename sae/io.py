@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from activations.errors import UserError
 from sae.base import SAE
 from sae.config import SAEConfig
-from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, write_sae_folder
+from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, own_memory, write_sae_folder
 from sae.registry import get_architecture
 from sae.saelens import is_saelens_folder, load_saelens, read_scaling_factor
 
@@ -78,5 +78,5 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
         raise UserError(f"{path} is corrupt or truncated ({err}); re-copy it or re-save the SAE") from None
     sae = cls(cfg, device="meta")  # shapes/dtypes only: no time spent on a random init
     check_tensors(path, tensors, sae.state_dict())
-    sae.load_state_dict(tensors, assign=True)
+    sae.load_state_dict(own_memory(tensors), assign=True)
     return sae.to(device)

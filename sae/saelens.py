@@ -22,7 +22,7 @@ from activations.errors import UserError
 from sae.base import SAE
 from sae.config import FROM_SAELENS, SAELENS_SCALED_NORM, SAEConfig
 from sae.fold import fold_norm_scale
-from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, write_sae_folder
+from sae.folder import CFG_FILENAME, WEIGHTS_FILENAME, check_tensors, own_memory, write_sae_folder
 from sae.registry import make_sae
 
 # The tensors SAELens's inference class of each architecture loads (strictly).
@@ -82,7 +82,7 @@ def load_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     tensors = _to_saelab_tensors(folder, arch, raw, tensors)
     sae = make_sae(cfg, device="meta")
     check_tensors(path, tensors, sae.state_dict())
-    sae.load_state_dict(tensors, assign=True)
+    sae.load_state_dict(own_memory(tensors), assign=True)
     return sae.to(device)
 
 

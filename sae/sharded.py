@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from activations.errors import UserError
 from sae.base import SAE, TrainOutput, Variance, denominator, fvu
 from sae.config import SAEConfig
+from sae.folder import own_memory
 from sae.io import WEIGHTS_FILENAME, read_cfg, save_sae
 from sae.kernels import sparse_decode
 from sae.registry import make_sae
@@ -281,5 +282,5 @@ def load_sharded(folder: str | os.PathLike, device: str | torch.device = "cpu", 
                 tensors[name] = part[shard.lo : shard.hi]
             else:
                 tensors[name] = part[:]
-    shard.load_state_dict({n: t.to(cfg.torch_dtype) for n, t in tensors.items()}, assign=True)
+    shard.load_state_dict(own_memory({n: t.to(cfg.torch_dtype) for n, t in tensors.items()}), assign=True)
     return shard.to(device)

@@ -38,10 +38,17 @@ TINY_WIKITEXT = """
 
 @pytest.fixture
 def no_local_data(tmp_path, monkeypatch):
-    """Hide every local copy of the named corpora: no env var, no shared/data above cwd or the repo."""
+    """Hide every local copy of the named corpora: no env var, no shared/data above cwd or the repo.
+
+    The walk up still runs (and is reported), but a copy outside tmp_path (a machine's /tmp/shared) is not seen.
+    """
     monkeypatch.delenv("SAELAB_DATA", raising=False)
     monkeypatch.setattr(sources, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
+    holds = sources._holds_corpus
+    monkeypatch.setattr(
+        sources, "_holds_corpus", lambda folder, corpus: folder.is_relative_to(tmp_path) and holds(folder, corpus)
+    )
     return tmp_path
 
 
